@@ -1,0 +1,106 @@
+//! Ready-made events for tests, the demo and benchmarks.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, TimeZone, Utc};
+use uuid::Uuid;
+
+use crate::model::{Change, Request, RequestChanged, Requestor, SCHEMA_V1, ThreadMessage};
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_795_000_000 + secs, 0).single().expect("valid timestamp")
+}
+
+/// The blueprint's example event, every field filled: the golden mapping test pins it.
+pub fn full_event() -> RequestChanged {
+    RequestChanged {
+        schema: SCHEMA_V1.to_string(),
+        event_id: Uuid::from_u128(0x0193_c6e2_0000_7000_8000_0000_0000_0001),
+        workspace_id: "T024BE7LD".into(),
+        occurred_at: at(600),
+        change: Change::Metadata,
+        request: Request {
+            id: 135,
+            version: 7,
+            title: Some("SSO login fails for new users".into()),
+            summary: Some("New users cannot log in through Okta since Monday.".into()),
+            message_text: Some("Hi team, our new hires cannot log in with SSO.".into()),
+            status: Some("open".into()),
+            urgency: Some("high".into()),
+            sentiment: Some("negative".into()),
+            ai_tags: vec!["billing".into(), "sso".into()],
+            assigned_to: Some("Jane Doe".into()),
+            csat: Some("4 - Good".into()),
+            customer_thread: vec![
+                ThreadMessage {
+                    author: "Harsh".into(),
+                    text: "Hi team, our new hires cannot log in with SSO.".into(),
+                    ts: at(0),
+                },
+                ThreadMessage {
+                    author: "Jane Doe".into(),
+                    text: "Looking into it now.".into(),
+                    ts: at(120),
+                },
+            ],
+            internal_thread: vec![ThreadMessage {
+                author: "Jane Doe".into(),
+                text: "Okta metadata expired, rotating.".into(),
+                ts: at(300),
+            }],
+            permalink: Some("https://acme.slack.com/archives/C1/p1".into()),
+            internal_notification_link: Some("https://acme.slack.com/archives/C9/p2".into()),
+            web_link: Some("https://app.thena.ai/requests/135".into()),
+            created_at: at(0),
+            updated_at: at(600),
+            closed_at: Some(at(600)),
+            closed_by: Some("Jane Doe".into()),
+            requestor: Requestor {
+                name: Some("Harsh".into()),
+                email: Some("harsh@thena.ai".into()),
+                slack_user_id: Some("U123".into()),
+            },
+            custom_fields: BTreeMap::from([("Product".into(), "Request Management".into())]),
+        },
+    }
+}
+
+/// A minimal valid event for `workspace`/`request_id` at `version`, raised by `email`.
+pub fn event(workspace: &str, request_id: u64, version: u64, email: Option<&str>) -> RequestChanged {
+    let now = Utc::now();
+    RequestChanged {
+        schema: SCHEMA_V1.to_string(),
+        event_id: Uuid::now_v7(),
+        workspace_id: workspace.into(),
+        occurred_at: now,
+        change: if version <= 1 { Change::Created } else { Change::Metadata },
+        request: Request {
+            id: request_id,
+            version,
+            title: Some(format!("Request {request_id}")),
+            summary: None,
+            message_text: Some("Something is not working".into()),
+            status: Some("open".into()),
+            urgency: Some("medium".into()),
+            sentiment: Some("neutral".into()),
+            ai_tags: vec![],
+            assigned_to: None,
+            csat: None,
+            customer_thread: vec![],
+            internal_thread: vec![],
+            permalink: None,
+            internal_notification_link: None,
+            web_link: None,
+            created_at: now,
+            updated_at: now,
+            closed_at: None,
+            closed_by: None,
+            requestor: Requestor {
+                name: email.map(|e| e.split('@').next().unwrap_or(e).to_string()),
+                email: email.map(str::to_string),
+                slack_user_id: Some(format!("U{request_id}")),
+            },
+            custom_fields: BTreeMap::new(),
+        },
+    }
+}

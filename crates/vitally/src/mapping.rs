@@ -1,0 +1,261 @@
+//! Pure mapping of one Thena request snapshot onto the traits of its "Thena Requests"
+//! instance. No I/O: the field map (label → path and type, as Vitally returned it) is
+//! passed in, so the same event always yields the same instance body.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+use thena_events::{RequestChanged, ThreadMessage};
+
+use crate::traits::{FIXED_TRAITS, FieldType, label};
+
+/// Appended to every textarea value that was cut at the configured limit.
+pub const TRUNCATION_MARKER: &str = "… (truncated)";
+
+/// Default textarea limit in characters; Vitally does not publish one.
+pub const DEFAULT_TEXTAREA_LIMIT: usize = 10_000;
+
+/// Where Vitally stores one trait: the `path` it returned for the field, and its type.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FieldRef {
+    pub path: String,
+    pub field_type: FieldType,
+}
+
+/// Field label → where to write it, as listed by Vitally for the custom object.
+pub type FieldMap = BTreeMap<String, FieldRef>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappingOptions {
+    /// Maximum characters of a textarea value before the truncation marker.
+    pub textarea_limit: usize,
+}
+
+impl Default for MappingOptions {
+    fn default() -> Self {
+        Self {
+            textarea_limit: DEFAULT_TEXTAREA_LIMIT,
+        }
+    }
+}
+
+/// The instance body for one event, plus what could not be mapped (for counting).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    /// "Thena Request ID: {id}".
+    pub name: String,
+    /// `thena:{workspace}:{id}`.
+    pub external_id: String,
+    /// Keyed by the field path Vitally returned, never by the label. `null` clears.
+    pub traits: Map<String, Value>,
+    /// Custom categories with no matching field (product doc: dropped).
+    pub dropped_categories: Vec<String>,
+    /// Fixed trait labels the field map lacks (provisioning drifted).
+    pub missing_fixed: Vec<&'static str>,
+    /// Labels whose Vitally field has a type the value cannot be written as (e.g. a
+    /// category matched a number field); skipped so one bad field does not make Vitally
+    /// reject the whole instance.
+    pub mistyped: Vec<String>,
+}
+
+/// Maps `event` onto the fields in `fields`. Every fixed trait present in the map is
+/// written (absent values as `null`, since the event is a full snapshot).
+pub fn map_instance(event: &RequestChanged, fields: &FieldMap, opts: &MappingOptions) -> Mapped {
+    let mut traits = Map::new();
+    let mut missing_fixed = Vec::new();
+    let mut mistyped = Vec::new();
+
+    for (fixed_label, canonical) in FIXED_TRAITS {
+        let Some(field) = lookup(fields, fixed_label) else {
+            missing_fixed.push(fixed_label);
+            continue;
+        };
+        let value = fixed_value(event, fixed_label, opts);
+        match coerce(value, canonical, field.field_type) {
+            Some(v) => {
+                traits.insert(field.path.clone(), v);
+            }
+            None => mistyped.push(fixed_label.to_string()),
+        }
+    }
+
+    let (categories, dropped_categories) = match_categories(event, fields);
+    for (category, field) in categories {
+        let value = Value::String(event.request.custom_fields[category].clone());
+        match coerce(value, FieldType::String, field.field_type) {
+            Some(v) => {
+                traits.insert(field.path.clone(), v);
+            }
+            None => mistyped.push(category.clone()),
+        }
+    }
+
+    Mapped {
+        name: format!("Thena Request ID: {}", event.request.id),
+        external_id: event.external_id(),
+        traits,
+        dropped_categories,
+        missing_fixed,
+        mistyped,
+    }
+}
+
+/// The field for `label`: exact label first, else a case-insensitive match (an adopted
+/// object may have been created by hand).
+fn lookup<'a>(fields: &'a FieldMap, label: &str) -> Option<&'a FieldRef> {
+    fields.get(label).or_else(|| {
+        let lower = label.to_lowercase();
+        fields
+            .iter()
+            .find(|(l, _)| l.to_lowercase() == lower)
+            .map(|(_, f)| f)
+    })
+}
+
+fn is_fixed_label(l: &str) -> bool {
+    let lower = l.to_lowercase();
+    FIXED_TRAITS.iter().any(|(f, _)| f.to_lowercase() == lower)
+}
+
+/// Pairs each custom category with its field; exact labels win over case-insensitive
+/// ones so two categories never fight over one field. Fixed-trait fields are never a
+/// category's target. Returns (matched, dropped).
+fn match_categories<'a>(
+    event: &'a RequestChanged,
+    fields: &'a FieldMap,
+) -> (Vec<(&'a String, &'a FieldRef)>, Vec<String>) {
+    let custom = &event.request.custom_fields;
+    let mut matched: Vec<(&String, &FieldRef)> = Vec::new();
+    let mut claimed: BTreeSet<&str> = BTreeSet::new();
+    let mut pending: Vec<&String> = Vec::new();
+
+    for category in custom.keys() {
+        match fields.get_key_value(category.as_str()) {
+            Some((l, f)) if !is_fixed_label(l) => {
+                claimed.insert(l.as_str());
+                matched.push((category, f));
+            }
+            _ => pending.push(category),
+        }
+    }
+    let mut dropped = Vec::new();
+    for category in pending {
+        let lower = category.to_lowercase();
+        let hit = fields.iter().find(|(l, _)| {
+            !claimed.contains(l.as_str()) && !is_fixed_label(l) && l.to_lowercase() == lower
+        });
+        match hit {
+            Some((l, f)) => {
+                claimed.insert(l.as_str());
+                matched.push((category, f));
+            }
+            None => dropped.push(category.clone()),
+        }
+    }
+    (matched, dropped)
+}
+
+fn fixed_value(event: &RequestChanged, fixed_label: &str, opts: &MappingOptions) -> Value {
+    let r = &event.request;
+    let limit = opts.textarea_limit;
+    let text = |v: &Option<String>| opt_string(v.as_deref().map(|s| truncate(s, limit)));
+    let plain = |v: &Option<String>| opt_string(v.clone());
+    match fixed_label {
+        label::AI_TAGS => opt_string((!r.ai_tags.is_empty()).then(|| r.ai_tags.join(", "))),
+        label::ASSIGNED_TO => plain(&r.assigned_to),
+        label::CSAT => text(&r.csat),
+        label::CUSTOMER_THREAD => {
+            opt_string(render_thread(&r.customer_thread).map(|t| truncate(&t, limit)))
+        }
+        label::INTERNAL_THREAD => {
+            opt_string(render_thread(&r.internal_thread).map(|t| truncate(&t, limit)))
+        }
+        label::MESSAGE_TEXT => text(&r.message_text),
+        label::PERMALINK => plain(&r.permalink),
+        label::CLOSED_AT => opt_string(r.closed_at.as_ref().map(datetime)),
+        label::CLOSED_BY => plain(&r.closed_by),
+        label::CREATED_AT => Value::String(datetime(&r.created_at)),
+        label::NOTIFICATION_LINK => plain(&r.internal_notification_link),
+        label::REQUESTOR => opt_string(requestor(&r.requestor)),
+        label::UPDATED_AT => Value::String(datetime(&r.updated_at)),
+        label::WEB_LINK => plain(&r.web_link),
+        label::SENTIMENT => plain(&r.sentiment),
+        label::STATUS => plain(&r.status),
+        label::SUMMARY => text(&r.summary),
+        label::REQUEST_ID => Value::from(r.id),
+        label::TITLE => text(&r.title),
+        label::URGENCY => plain(&r.urgency),
+        // FIXED_TRAITS and this match list the same labels; a new label without a
+        // value is a programming error that the full-event test catches as `null`.
+        _ => Value::Null,
+    }
+}
+
+fn opt_string(v: Option<String>) -> Value {
+    v.map_or(Value::Null, Value::String)
+}
+
+/// Writes a value of type `canonical` into a field of type `target`, when lossless.
+fn coerce(value: Value, canonical: FieldType, target: FieldType) -> Option<Value> {
+    if value.is_null() || canonical == target {
+        return Some(value);
+    }
+    match (canonical, target) {
+        // Anything can be shown as text.
+        (_, FieldType::String | FieldType::Textarea) => Some(match value {
+            Value::String(s) => Value::String(s),
+            other => Value::String(other.to_string()),
+        }),
+        (_, FieldType::Number | FieldType::Datetime) => None,
+    }
+}
+
+fn datetime(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// "name <email>", or whichever of the two exists.
+fn requestor(r: &thena_events::Requestor) -> Option<String> {
+    let name = r.name.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    let email = r.email.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    match (name, email) {
+        (Some(n), Some(e)) => Some(format!("{n} <{e}>")),
+        (Some(n), None) => Some(n.to_string()),
+        (None, Some(e)) => Some(e.to_string()),
+        (None, None) => None,
+    }
+}
+
+/// One message per line, "author (ts): text", oldest first so the newest is last. Line
+/// breaks inside a message are indented so every unindented line starts a message.
+pub fn render_thread(messages: &[ThreadMessage]) -> Option<String> {
+    if messages.is_empty() {
+        return None;
+    }
+    let mut sorted: Vec<&ThreadMessage> = messages.iter().collect();
+    // Stable: messages with the same timestamp keep their order.
+    sorted.sort_by_key(|m| m.ts);
+    let lines: Vec<String> = sorted
+        .iter()
+        .map(|m| {
+            let text = m.text.replace("\r\n", "\n").replace('\n', "\n  ");
+            format!("{} ({}): {}", m.author, datetime(&m.ts), text)
+        })
+        .collect();
+    Some(lines.join("\n"))
+}
+
+/// Cuts `s` to at most `limit` characters (on a char boundary) and appends the marker
+/// when anything was cut, so the result never exceeds `limit` + marker characters.
+pub fn truncate(s: &str, limit: usize) -> String {
+    match s.char_indices().nth(limit) {
+        None => s.to_string(),
+        Some((cut, _)) => {
+            let mut out = String::with_capacity(cut + TRUNCATION_MARKER.len());
+            out.push_str(&s[..cut]);
+            out.push_str(TRUNCATION_MARKER);
+            out
+        }
+    }
+}

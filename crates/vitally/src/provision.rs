@@ -1,0 +1,579 @@
+//! Connecting a workspace to Vitally: check the credentials, create or adopt the
+//! "Thena Requests" object with every trait, record the field paths Vitally returned,
+//! and store the integration. Plus the admin helpers behind the CLI and admin API.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::Utc;
+use reqwest::{Url, header::HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::{
+    client::{Field, VitallyHttp},
+    error::{ErrorKind, VitallyError},
+    integrations::{FieldRef, Integration, IntegrationStore, StoreError},
+    traits::{FIXED_TRAITS, FieldType, OBJECT_NAME},
+};
+
+/// Vitally allows 1000 requests per minute per key; a budget above that cannot be met.
+pub const MAX_RATE_BUDGET_PER_MIN: u32 = 1000;
+
+/// What an operator supplies to connect a workspace. `Debug` redacts the auth header.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub workspace_id: String,
+    pub api_url: String,
+    pub auth_header: SecretString,
+    /// The workspace's custom categories; each becomes a `String` trait.
+    pub categories: Vec<String>,
+    pub push_requests: bool,
+    pub update_requests: bool,
+    pub sync_threads: bool,
+    pub auto_create_fields: bool,
+    pub rate_budget_per_min: u32,
+}
+
+/// Toggle changes; `None` leaves a setting as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Toggles {
+    pub push_requests: Option<bool>,
+    pub update_requests: Option<bool>,
+    pub sync_threads: Option<bool>,
+    pub auto_create_fields: Option<bool>,
+    pub rate_budget_per_min: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid Vitally API URL: {0}")]
+    InvalidUrl(String),
+    #[error("invalid auth header: {0}")]
+    InvalidAuthHeader(&'static str),
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+    #[error(
+        "Vitally rejected the auth header (HTTP {status}); copy the Basic auth header from \
+         Vitally's REST API settings"
+    )]
+    Unauthorized { status: u16 },
+    #[error("could not reach Vitally at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("Vitally did not provision the fields {labels:?} on \"{object}\"")]
+    Provisioning { object: String, labels: Vec<String> },
+    #[error(
+        "the Vitally field \"{label}\" has type {field_type}, which this integration cannot \
+         write; rename or remove that field in Vitally"
+    )]
+    UnsupportedFieldType { label: String, field_type: String },
+    #[error("workspace {0} is not connected")]
+    NotConnected(String),
+    #[error(transparent)]
+    Vitally(#[from] VitallyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Validates the credentials against Vitally, creates or adopts the "Thena Requests"
+/// object with every trait, and stores the integration. Safe to repeat: a second
+/// connect adds nothing that exists and keeps the original `established_at`.
+pub async fn connect(
+    http: &VitallyHttp,
+    store: &IntegrationStore,
+    req: ConnectRequest,
+) -> Result<Integration, ConnectError> {
+    let api_url = validate_url(&req.api_url)?;
+    validate_auth_header(&req.auth_header)?;
+    validate_budget(req.rate_budget_per_min)?;
+    if req.workspace_id.trim().is_empty() {
+        return Err(ConnectError::InvalidSetting(
+            "workspace id is empty".to_owned(),
+        ));
+    }
+    let previous = store.previous_connection(&req.workspace_id).await?;
+    let client = http.client(&api_url, req.auth_header.clone(), &req.workspace_id);
+
+    let objects = client
+        .custom_objects()
+        .await
+        .map_err(|err| first_call_error(&api_url, err))?;
+    let desired = desired_fields(&req.categories);
+    // Prefer the object this workspace already uses, should Vitally hold several.
+    let adopt = previous
+        .as_ref()
+        .and_then(|p| objects.iter().find(|o| o.id == p.custom_object_id))
+        .or_else(|| objects.iter().find(|o| o.name == OBJECT_NAME));
+    let object_id = match adopt {
+        Some(object) => {
+            let present = client.fields(&object.id).await?;
+            let missing = missing_fields(&desired, &present);
+            if !missing.is_empty() {
+                client.add_fields(&object.id, &missing).await?;
+            }
+            tracing::info!(
+                workspace = %req.workspace_id,
+                object_id = %object.id,
+                added = missing.len(),
+                "adopted the existing Vitally object"
+            );
+            object.id.clone()
+        }
+        None => {
+            let object = client
+                .create_custom_object(OBJECT_NAME, OBJECT_NAME, &desired)
+                .await?;
+            tracing::info!(
+                workspace = %req.workspace_id,
+                object_id = %object.id,
+                fields = desired.len(),
+                "created the Vitally object"
+            );
+            object.id
+        }
+    };
+
+    // Paths come from what Vitally says now, never from a guess.
+    let listed = client.fields(&object_id).await?;
+    let fields = field_map(&listed);
+    let absent: Vec<String> = desired
+        .iter()
+        .filter(|(label, _)| find_label(&fields, label).is_none())
+        .map(|(label, _)| (*label).to_owned())
+        .collect();
+    if let Some(field) = absent.iter().find_map(|label| unusable(&listed, label)) {
+        return Err(unsupported(field));
+    }
+    if !absent.is_empty() {
+        return Err(ConnectError::Provisioning {
+            object: object_id,
+            labels: absent,
+        });
+    }
+
+    let integration = Integration {
+        workspace_id: req.workspace_id,
+        api_url,
+        auth_header: req.auth_header,
+        push_requests: req.push_requests,
+        update_requests: req.update_requests,
+        sync_threads: req.sync_threads,
+        auto_create_fields: req.auto_create_fields,
+        rate_budget_per_min: req.rate_budget_per_min,
+        // Reconnecting must not widen the forward-only window.
+        established_at: previous.map_or_else(Utc::now, |p| p.established_at),
+        custom_object_id: object_id,
+        fields,
+    };
+    store.put(&integration).await?;
+    Ok(integration)
+}
+
+/// Makes sure a `String` trait labelled `label` exists on the integration's object and
+/// in its stored record, and returns where to write it. Idempotent: reads Vitally's
+/// fields first and adds only when absent. Callers serialise concurrent calls for one
+/// workspace (a lock), since Vitally does not deduplicate fields.
+pub async fn ensure_field(
+    http: &VitallyHttp,
+    store: &IntegrationStore,
+    integration: &Integration,
+    label: &str,
+) -> Result<FieldRef, ConnectError> {
+    let label = label.trim();
+    if label.is_empty() {
+        return Err(ConnectError::InvalidSetting(
+            "field label is empty".to_owned(),
+        ));
+    }
+    let client = integration.client(http);
+    let object_id = integration.custom_object_id.as_str();
+    let listed = client.fields(object_id).await?;
+    let mut fields = field_map(&listed);
+    if find_label(&fields, label).is_none() {
+        // Adding a String next to a same-named field of another type would leave two.
+        if let Some(field) = unusable(&listed, label) {
+            return Err(unsupported(field));
+        }
+        client
+            .add_fields(object_id, &[(label, FieldType::String)])
+            .await?;
+        fields = field_map(&client.fields(object_id).await?);
+    }
+    let field = find_label(&fields, label)
+        .map(|(_, field)| field.clone())
+        .ok_or_else(|| ConnectError::Provisioning {
+            object: object_id.to_owned(),
+            labels: vec![label.to_owned()],
+        })?;
+    // Update the freshest record, so a concurrent toggle change is not overwritten.
+    let mut current = store
+        .get(&integration.workspace_id)
+        .await?
+        .ok_or_else(|| ConnectError::NotConnected(integration.workspace_id.clone()))?;
+    let stored_label = find_label(&fields, label).map_or(label, |(l, _)| l);
+    if current.fields.get(stored_label) != Some(&field) {
+        current
+            .fields
+            .insert(stored_label.to_owned(), field.clone());
+        store.put(&current).await?;
+    }
+    Ok(field)
+}
+
+/// Applies toggle changes to a connected workspace.
+pub async fn set_toggles(
+    store: &IntegrationStore,
+    workspace_id: &str,
+    toggles: Toggles,
+) -> Result<Integration, ConnectError> {
+    let mut integration = store
+        .get(workspace_id)
+        .await?
+        .ok_or_else(|| ConnectError::NotConnected(workspace_id.to_owned()))?;
+    apply_toggles(&mut integration, toggles)?;
+    store.put(&integration).await?;
+    Ok(integration)
+}
+
+/// Removes the workspace's record; `false` if it was not connected. Vitally's object and
+/// its instances stay, so a later connect adopts them.
+pub async fn disconnect(
+    store: &IntegrationStore,
+    workspace_id: &str,
+) -> Result<bool, ConnectError> {
+    Ok(store.delete(workspace_id).await?)
+}
+
+// ---------------------------------------------------------------- pure parts
+
+fn apply_toggles(integration: &mut Integration, toggles: Toggles) -> Result<(), ConnectError> {
+    let Toggles {
+        push_requests,
+        update_requests,
+        sync_threads,
+        auto_create_fields,
+        rate_budget_per_min,
+    } = toggles;
+    if let Some(budget) = rate_budget_per_min {
+        validate_budget(budget)?;
+        integration.rate_budget_per_min = budget;
+    }
+    if let Some(on) = push_requests {
+        integration.push_requests = on;
+    }
+    if let Some(on) = update_requests {
+        integration.update_requests = on;
+    }
+    if let Some(on) = sync_threads {
+        integration.sync_threads = on;
+    }
+    if let Some(on) = auto_create_fields {
+        integration.auto_create_fields = on;
+    }
+    Ok(())
+}
+
+/// A usable http(s) base URL, normalised without a trailing `/`.
+fn validate_url(raw: &str) -> Result<String, ConnectError> {
+    let raw = raw.trim();
+    let url = Url::parse(raw).map_err(|err| ConnectError::InvalidUrl(format!("{raw:?}: {err}")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(ConnectError::InvalidUrl(format!(
+            "{raw:?}: the scheme must be http or https"
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ConnectError::InvalidUrl(format!("{raw:?}: no host")));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Do not echo it back: that part is a credential.
+        return Err(ConnectError::InvalidUrl(
+            "the URL must not contain credentials; put them in the auth header".to_owned(),
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ConnectError::InvalidUrl(format!(
+            "{raw:?}: no query or fragment expected"
+        )));
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
+}
+
+fn validate_auth_header(header: &SecretString) -> Result<(), ConnectError> {
+    let value = header.expose_secret().trim();
+    if value.is_empty() {
+        return Err(ConnectError::InvalidAuthHeader("it is empty"));
+    }
+    if HeaderValue::from_str(value).is_err() {
+        return Err(ConnectError::InvalidAuthHeader(
+            "it contains characters not allowed in an HTTP header",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_budget(budget: u32) -> Result<(), ConnectError> {
+    if budget == 0 || budget > MAX_RATE_BUDGET_PER_MIN {
+        return Err(ConnectError::InvalidSetting(format!(
+            "rate budget must be between 1 and {MAX_RATE_BUDGET_PER_MIN} requests per minute, \
+             got {budget}"
+        )));
+    }
+    Ok(())
+}
+
+/// The first call doubles as the credential and reachability check.
+fn first_call_error(api_url: &str, err: VitallyError) -> ConnectError {
+    match err.kind() {
+        ErrorKind::Status(status @ (401 | 403)) => ConnectError::Unauthorized { status },
+        ErrorKind::Status(404) => ConnectError::InvalidUrl(format!(
+            "{api_url:?} does not serve the Vitally REST API (HTTP 404)"
+        )),
+        ErrorKind::Timeout | ErrorKind::Connect | ErrorKind::Transport => {
+            ConnectError::Unreachable {
+                url: api_url.to_owned(),
+                reason: err.body().to_owned(),
+            }
+        }
+        ErrorKind::Status(_) | ErrorKind::Decode | ErrorKind::InvalidRequest => {
+            ConnectError::Vitally(err)
+        }
+    }
+}
+
+/// The fixed traits, then one `String` per custom category (blank and repeated labels,
+/// and categories named like a fixed trait, ignoring case, are left out).
+fn desired_fields(categories: &[String]) -> Vec<(&str, FieldType)> {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut out = Vec::with_capacity(FIXED_TRAITS.len() + categories.len());
+    let categories = categories.iter().map(|c| (c.trim(), FieldType::String));
+    for (label, ty) in FIXED_TRAITS.iter().copied().chain(categories) {
+        if !label.is_empty() && seen.insert(label.to_lowercase()) {
+            out.push((label, ty));
+        }
+    }
+    out
+}
+
+fn missing_fields<'a>(
+    desired: &[(&'a str, FieldType)],
+    present: &[Field],
+) -> Vec<(&'a str, FieldType)> {
+    let have: BTreeSet<String> = present.iter().map(|f| f.label.to_lowercase()).collect();
+    desired
+        .iter()
+        .filter(|(label, _)| !have.contains(&label.to_lowercase()))
+        .copied()
+        .collect()
+}
+
+/// A field labelled `label` (ignoring case) whose type this project cannot write.
+fn unusable<'a>(listed: &'a [Field], label: &str) -> Option<&'a Field> {
+    let lower = label.to_lowercase();
+    listed
+        .iter()
+        .find(|f| f.known_type().is_none() && f.label.to_lowercase() == lower)
+}
+
+fn unsupported(field: &Field) -> ConnectError {
+    ConnectError::UnsupportedFieldType {
+        label: field.label.clone(),
+        field_type: field.field_type.clone(),
+    }
+}
+
+/// The entry for `label`: exact first, else ignoring case (an adopted object may have
+/// been made by hand; the mapping looks labels up the same way).
+fn find_label<'a>(
+    fields: &'a BTreeMap<String, FieldRef>,
+    label: &str,
+) -> Option<(&'a str, &'a FieldRef)> {
+    fields
+        .get_key_value(label)
+        .or_else(|| {
+            let lower = label.to_lowercase();
+            fields.iter().find(|(l, _)| l.to_lowercase() == lower)
+        })
+        .map(|(l, f)| (l.as_str(), f))
+}
+
+/// Label → where to write it, from Vitally's answer. When a label appears twice (an
+/// earlier duplicate), the first one listed wins; fields of types this project does not
+/// write are left out.
+fn field_map(fields: &[Field]) -> BTreeMap<String, FieldRef> {
+    let mut map = BTreeMap::new();
+    for field in fields {
+        let Some(field_type) = field.known_type() else {
+            tracing::debug!(
+                label = %field.label,
+                field_type = %field.field_type,
+                "skipping a field of a type this project does not write"
+            );
+            continue;
+        };
+        map.entry(field.label.clone()).or_insert_with(|| FieldRef {
+            path: field.path.clone(),
+            field_type,
+        });
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(label: &str, ty: &str, path: &str) -> Field {
+        Field {
+            id: format!("id-{path}"),
+            label: label.to_owned(),
+            path: path.to_owned(),
+            field_type: ty.to_owned(),
+        }
+    }
+
+    #[test]
+    fn desired_fields_are_the_fixed_traits_plus_distinct_categories() {
+        let cats = vec![
+            "Product Area".to_owned(),
+            " Product Area ".to_owned(),
+            "".to_owned(),
+            "status".to_owned(),
+            "Region".to_owned(),
+            "REGION".to_owned(),
+        ];
+        let desired = desired_fields(&cats);
+        assert_eq!(desired.len(), FIXED_TRAITS.len() + 2);
+        assert_eq!(desired[..20], FIXED_TRAITS[..]);
+        assert_eq!(
+            desired[20..],
+            [
+                ("Product Area", FieldType::String),
+                ("Region", FieldType::String)
+            ]
+        );
+    }
+
+    #[test]
+    fn only_labels_vitally_lacks_are_missing() {
+        let categories = ["Region".to_owned()];
+        let desired = desired_fields(&categories);
+        let present = vec![
+            field("Title", "textarea", "vitally.custom.title"),
+            field("region", "string", "vitally.custom.region"),
+        ];
+        let missing = missing_fields(&desired, &present);
+        assert_eq!(missing.len(), desired.len() - 2);
+        assert!(missing.iter().all(|(l, _)| *l != "Title" && *l != "Region"));
+    }
+
+    #[test]
+    fn the_field_map_keeps_the_first_of_duplicate_labels_and_skips_unknown_types() {
+        let map = field_map(&[
+            field("Title", "textarea", "vitally.custom.title"),
+            field("Title", "textarea", "vitally.custom.title2"),
+            field("Flag", "boolean", "vitally.custom.flag"),
+        ]);
+        assert_eq!(map.len(), 1);
+        assert_eq!(map["Title"].path, "vitally.custom.title");
+        assert_eq!(map["Title"].field_type, FieldType::Textarea);
+    }
+
+    #[test]
+    fn urls_must_be_plain_http_or_https() {
+        assert_eq!(
+            validate_url(" https://acme.rest.vitally.io/ ").unwrap(),
+            "https://acme.rest.vitally.io"
+        );
+        assert!(validate_url("http://127.0.0.1:8080").is_ok());
+        for bad in [
+            "",
+            "acme.rest.vitally.io",
+            "ftp://acme.rest.vitally.io",
+            "https://acme.rest.vitally.io/?x=1",
+        ] {
+            assert!(
+                matches!(validate_url(bad), Err(ConnectError::InvalidUrl(_))),
+                "{bad}"
+            );
+        }
+        let err = validate_url("https://key:pw@acme.rest.vitally.io").unwrap_err();
+        assert!(!err.to_string().contains("key:pw"));
+    }
+
+    #[test]
+    fn auth_headers_and_budgets_are_checked_before_any_call() {
+        assert!(validate_auth_header(&SecretString::from("  ")).is_err());
+        assert!(validate_auth_header(&SecretString::from("Basic a\nb")).is_err());
+        assert!(validate_auth_header(&SecretString::from("Basic YWJjOg==")).is_ok());
+        assert!(validate_budget(0).is_err());
+        assert!(validate_budget(1001).is_err());
+        assert!(validate_budget(600).is_ok());
+    }
+
+    #[test]
+    fn toggles_change_only_what_they_name() {
+        let mut integration = Integration {
+            workspace_id: "T1".into(),
+            api_url: "https://x".into(),
+            auth_header: SecretString::from("Basic x"),
+            push_requests: true,
+            update_requests: true,
+            sync_threads: false,
+            auto_create_fields: false,
+            rate_budget_per_min: 600,
+            established_at: Utc::now(),
+            custom_object_id: "co".into(),
+            fields: BTreeMap::new(),
+        };
+        apply_toggles(
+            &mut integration,
+            Toggles {
+                sync_threads: Some(true),
+                rate_budget_per_min: Some(300),
+                ..Toggles::default()
+            },
+        )
+        .unwrap();
+        assert!(integration.push_requests && integration.update_requests);
+        assert!(integration.sync_threads && !integration.auto_create_fields);
+        assert_eq!(integration.rate_budget_per_min, 300);
+        let refused = apply_toggles(
+            &mut integration,
+            Toggles {
+                rate_budget_per_min: Some(0),
+                push_requests: Some(false),
+                ..Toggles::default()
+            },
+        );
+        assert!(refused.is_err());
+        assert!(
+            integration.push_requests,
+            "a refused change applies nothing"
+        );
+    }
+
+    #[test]
+    fn the_first_call_tells_bad_credentials_from_an_unreachable_host() {
+        let url = "https://acme.rest.vitally.io";
+        let e = |kind| VitallyError::new("custom_objects.list", kind, "boom");
+        assert!(matches!(
+            first_call_error(url, e(ErrorKind::Status(401))),
+            ConnectError::Unauthorized { status: 401 }
+        ));
+        assert!(matches!(
+            first_call_error(url, e(ErrorKind::Status(403))),
+            ConnectError::Unauthorized { status: 403 }
+        ));
+        assert!(matches!(
+            first_call_error(url, e(ErrorKind::Connect)),
+            ConnectError::Unreachable { .. }
+        ));
+        assert!(matches!(
+            first_call_error(url, e(ErrorKind::Status(404))),
+            ConnectError::InvalidUrl(_)
+        ));
+        assert!(matches!(
+            first_call_error(url, e(ErrorKind::Status(500))),
+            ConnectError::Vitally(_)
+        ));
+    }
+}

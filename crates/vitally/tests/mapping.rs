@@ -1,0 +1,397 @@
+//! The pure trait mapping: every product-doc trait, typed as Vitally expects, written
+//! under the paths Vitally returned, pinned by a golden file.
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, TimeZone, Utc};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use thena_events::{RequestChanged, ThreadMessage, sample};
+use vitally_client::{
+    mapping::{FieldMap, FieldRef, MappingOptions, TRUNCATION_MARKER, map_instance, truncate},
+    traits::{FIXED_TRAITS, FieldType, label},
+};
+
+/// "Request Internal Notification Link" → "requestInternalNotificationLink".
+fn camel(label: &str) -> String {
+    label
+        .split_whitespace()
+        .enumerate()
+        .map(|(i, w)| {
+            let lower = w.to_lowercase();
+            if i == 0 {
+                lower
+            } else {
+                let mut c = lower.chars();
+                c.next()
+                    .map(|f| f.to_uppercase().chain(c).collect())
+                    .unwrap_or_default()
+            }
+        })
+        .collect()
+}
+
+/// The field map as Vitally lists it after provisioning: fixed traits plus `categories`.
+fn vitally_fields(categories: &[&str]) -> FieldMap {
+    let fixed = FIXED_TRAITS.iter().map(|(l, t)| (*l, *t));
+    let custom = categories.iter().map(|c| (*c, FieldType::String));
+    fixed
+        .chain(custom)
+        .map(|(l, t)| {
+            let path = format!("vitally.custom.{}", camel(l));
+            (
+                l.to_string(),
+                FieldRef {
+                    path,
+                    field_type: t,
+                },
+            )
+        })
+        .collect()
+}
+
+fn path(fields: &FieldMap, label: &str) -> String {
+    fields[label].path.clone()
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_795_000_000 + secs, 0)
+        .single()
+        .expect("valid timestamp")
+}
+
+fn msg(author: &str, text: &str, secs: i64) -> ThreadMessage {
+    ThreadMessage {
+        author: author.into(),
+        text: text.into(),
+        ts: at(secs),
+    }
+}
+
+#[test]
+fn a_full_event_fills_all_22_product_doc_traits_with_the_right_json_types() {
+    let event = sample::full_event();
+    let fields = vitally_fields(&["Product"]);
+    let mapped = map_instance(&event, &fields, &MappingOptions::default());
+
+    // The 22nd trait is the built-in name.
+    assert_eq!(mapped.name, "Thena Request ID: 135");
+    assert_eq!(mapped.external_id, "thena:T024BE7LD:135");
+    assert_eq!(
+        mapped.traits.len(),
+        21,
+        "20 fixed traits + 1 category: {:#?}",
+        mapped.traits
+    );
+    assert!(mapped.missing_fixed.is_empty());
+    assert!(mapped.dropped_categories.is_empty());
+    assert!(mapped.mistyped.is_empty());
+
+    for (l, t) in FIXED_TRAITS {
+        let value = &mapped.traits[&path(&fields, l)];
+        match t {
+            FieldType::String | FieldType::Textarea => {
+                assert!(value.is_string(), "{l} should be a string, got {value}")
+            }
+            FieldType::Number => assert!(value.is_u64(), "{l} should be a number, got {value}"),
+            FieldType::Datetime => {
+                let s = value
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{l} should be a string"));
+                assert!(s.ends_with('Z'), "{l} = {s} should be UTC with Z");
+                DateTime::parse_from_rfc3339(s).unwrap_or_else(|e| panic!("{l} = {s}: {e}"));
+            }
+        }
+    }
+    let get = |l: &str| mapped.traits[&path(&fields, l)].clone();
+    assert_eq!(get(label::REQUEST_ID), json!(135));
+    assert_eq!(get(label::AI_TAGS), json!("billing, sso"));
+    assert_eq!(get(label::REQUESTOR), json!("Harsh <harsh@thena.ai>"));
+    assert_eq!(get(label::CREATED_AT), json!("2026-11-18T11:06:40Z"));
+    assert_eq!(get("Product"), json!("Request Management"));
+    assert_eq!(
+        get(label::CUSTOMER_THREAD),
+        json!(
+            "Harsh (2026-11-18T11:06:40Z): Hi team, our new hires cannot log in with SSO.\n\
+             Jane Doe (2026-11-18T11:08:40Z): Looking into it now."
+        )
+    );
+}
+
+fn golden_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/full_event_instance.json")
+}
+
+#[test]
+fn the_full_event_maps_to_the_golden_instance_body() {
+    let mapped = map_instance(
+        &sample::full_event(),
+        &vitally_fields(&["Product"]),
+        &MappingOptions::default(),
+    );
+    let body = json!({
+        "name": mapped.name,
+        "externalId": mapped.external_id,
+        "traits": mapped.traits,
+    });
+    let actual = serde_json::to_string_pretty(&body).expect("serializes") + "\n";
+    let file = golden_path();
+    if std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1") {
+        std::fs::create_dir_all(file.parent().expect("has a parent")).expect("create golden dir");
+        std::fs::write(&file, &actual).expect("write golden file");
+        return;
+    }
+    let expected = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e}\nrun with UPDATE_GOLDEN=1 to create it",
+            file.display()
+        )
+    });
+    assert!(
+        expected == actual,
+        "the instance body for sample::full_event() changed.\n\
+         If the change is intended, regenerate with:\n  \
+         UPDATE_GOLDEN=1 cargo test -p vitally-client --test mapping\n\
+         --- expected ({})\n{expected}\n--- actual\n{actual}",
+        file.display()
+    );
+}
+
+#[test]
+fn a_long_thread_is_cut_at_the_limit_with_a_visible_marker() {
+    let mut event = sample::full_event();
+    event.request.customer_thread = (0..200)
+        .map(|i| msg("Harsh", &format!("message number {i} ✓ ünïcødé"), i))
+        .collect();
+    let fields = vitally_fields(&[]);
+    let opts = MappingOptions {
+        textarea_limit: 500,
+    };
+    let mapped = map_instance(&event, &fields, &opts);
+
+    let thread = mapped.traits[&path(&fields, label::CUSTOMER_THREAD)]
+        .as_str()
+        .expect("string");
+    assert!(thread.ends_with(TRUNCATION_MARKER), "no marker: {thread}");
+    assert_eq!(
+        thread.chars().count(),
+        500 + TRUNCATION_MARKER.chars().count()
+    );
+    assert!(thread.starts_with("Harsh (2026-11-18T11:06:40Z): message number 0 ✓"));
+    // Short textareas are left alone.
+    let title = mapped.traits[&path(&fields, label::TITLE)]
+        .as_str()
+        .expect("string");
+    assert_eq!(title, "SSO login fails for new users");
+}
+
+#[test]
+fn threads_are_ordered_by_time_newest_last_one_message_per_line() {
+    let mut event = sample::full_event();
+    event.request.internal_thread = vec![
+        msg("Jane", "third", 30),
+        msg("Bob", "first\nwith a second line", 10),
+        msg("Ann", "second", 20),
+    ];
+    let fields = vitally_fields(&[]);
+    let mapped = map_instance(&event, &fields, &MappingOptions::default());
+    let thread = mapped.traits[&path(&fields, label::INTERNAL_THREAD)]
+        .as_str()
+        .expect("string");
+    assert_eq!(
+        thread,
+        "Bob (2026-11-18T11:06:50Z): first\n  with a second line\n\
+         Ann (2026-11-18T11:07:00Z): second\n\
+         Jane (2026-11-18T11:07:10Z): third"
+    );
+}
+
+#[test]
+fn a_category_without_a_field_is_dropped_and_listed() {
+    let mut event = sample::full_event();
+    event
+        .request
+        .custom_fields
+        .insert("Region".into(), "EMEA".into());
+    let fields = vitally_fields(&["Product"]);
+    let mapped = map_instance(&event, &fields, &MappingOptions::default());
+    assert_eq!(mapped.dropped_categories, vec!["Region".to_string()]);
+    assert_eq!(
+        mapped.traits[&path(&fields, "Product")],
+        json!("Request Management")
+    );
+    assert!(
+        !mapped.traits.values().any(|v| v == "EMEA"),
+        "dropped value written somewhere"
+    );
+}
+
+#[test]
+fn a_category_matches_its_field_case_insensitively_but_an_exact_label_wins() {
+    let mut event = sample::full_event();
+    event.request.custom_fields.clear();
+    event
+        .request
+        .custom_fields
+        .insert("product".into(), "lower".into());
+    event
+        .request
+        .custom_fields
+        .insert("Product".into(), "exact".into());
+    event
+        .request
+        .custom_fields
+        .insert("REGION".into(), "EMEA".into());
+    // A category named like a fixed trait never overwrites it.
+    event
+        .request
+        .custom_fields
+        .insert("status".into(), "hijack".into());
+    let fields = vitally_fields(&["Product", "Region"]);
+    let mapped = map_instance(&event, &fields, &MappingOptions::default());
+    assert_eq!(mapped.traits[&path(&fields, "Product")], json!("exact"));
+    assert_eq!(mapped.traits[&path(&fields, "Region")], json!("EMEA"));
+    assert_eq!(mapped.traits[&path(&fields, label::STATUS)], json!("open"));
+    assert_eq!(
+        mapped.dropped_categories,
+        vec!["product".to_string(), "status".to_string()]
+    );
+}
+
+#[test]
+fn traits_are_written_under_the_paths_vitally_returned_even_unusual_ones() {
+    let mut fields = vitally_fields(&["Product"]);
+    fields.get_mut(label::STATUS).expect("status").path = "vitally.custom.status2".into();
+    fields.get_mut("Product").expect("product").path = "vitally.custom.x_17".into();
+    let mapped = map_instance(&sample::full_event(), &fields, &MappingOptions::default());
+    assert_eq!(mapped.traits["vitally.custom.status2"], json!("open"));
+    assert_eq!(
+        mapped.traits["vitally.custom.x_17"],
+        json!("Request Management")
+    );
+    assert!(!mapped.traits.contains_key("vitally.custom.status"));
+    assert!(!mapped.traits.contains_key("vitally.custom.product"));
+    assert!(
+        mapped
+            .traits
+            .keys()
+            .all(|k| k.starts_with("vitally.custom.")),
+        "a label leaked in as a key"
+    );
+}
+
+#[test]
+fn absent_values_in_the_snapshot_clear_their_traits_with_null() {
+    let event: RequestChanged = sample::event("T1", 9, 2, None);
+    let fields = vitally_fields(&[]);
+    let mapped = map_instance(&event, &fields, &MappingOptions::default());
+    for l in [
+        label::CLOSED_AT,
+        label::CLOSED_BY,
+        label::CSAT,
+        label::SUMMARY,
+        label::AI_TAGS,
+        label::CUSTOMER_THREAD,
+        label::INTERNAL_THREAD,
+        label::REQUESTOR,
+        label::ASSIGNED_TO,
+        label::WEB_LINK,
+    ] {
+        assert_eq!(
+            mapped.traits[&path(&fields, l)],
+            Value::Null,
+            "{l} should be null"
+        );
+    }
+    assert_eq!(
+        mapped.traits.len(),
+        20,
+        "every fixed trait is written, cleared ones as null"
+    );
+}
+
+#[test]
+fn the_requestor_is_whichever_of_name_and_email_exists() {
+    let fields = vitally_fields(&[]);
+    let requestor = |name: Option<&str>, email: Option<&str>| {
+        let mut event = sample::full_event();
+        event.request.requestor.name = name.map(str::to_string);
+        event.request.requestor.email = email.map(str::to_string);
+        map_instance(&event, &fields, &MappingOptions::default()).traits
+            [&path(&fields, label::REQUESTOR)]
+            .clone()
+    };
+    assert_eq!(requestor(Some("Harsh"), None), json!("Harsh"));
+    assert_eq!(requestor(None, Some("h@thena.ai")), json!("h@thena.ai"));
+    assert_eq!(
+        requestor(Some(" "), Some("h@thena.ai")),
+        json!("h@thena.ai")
+    );
+}
+
+#[test]
+fn fixed_traits_missing_from_the_field_map_are_listed_and_not_guessed() {
+    let mut fields = vitally_fields(&["Product"]);
+    fields.remove(label::URGENCY);
+    fields.remove(label::CSAT);
+    let mapped = map_instance(&sample::full_event(), &fields, &MappingOptions::default());
+    assert_eq!(mapped.missing_fixed, vec![label::CSAT, label::URGENCY]);
+    assert!(!mapped.traits.contains_key("vitally.custom.urgency"));
+    assert_eq!(mapped.traits.len(), 19);
+}
+
+#[test]
+fn a_field_of_another_type_gets_text_when_lossless_and_is_skipped_otherwise() {
+    let mut fields = vitally_fields(&["Product"]);
+    // An adopted object where someone made the id a string and Product a number.
+    fields.get_mut(label::REQUEST_ID).expect("id").field_type = FieldType::String;
+    fields.get_mut("Product").expect("product").field_type = FieldType::Number;
+    let mapped = map_instance(&sample::full_event(), &fields, &MappingOptions::default());
+    assert_eq!(
+        mapped.traits[&path(&fields, label::REQUEST_ID)],
+        json!("135")
+    );
+    assert!(!mapped.traits.contains_key(&path(&fields, "Product")));
+    assert_eq!(mapped.mistyped, vec!["Product".to_string()]);
+}
+
+proptest! {
+    #[test]
+    fn truncation_never_exceeds_the_limit_plus_marker(s in ".{0,300}", limit in 0usize..320) {
+        let out = truncate(&s, limit);
+        let marker = TRUNCATION_MARKER.chars().count();
+        prop_assert!(out.chars().count() <= limit + marker);
+        prop_assert!(std::str::from_utf8(out.as_bytes()).is_ok());
+        if s.chars().count() <= limit {
+            prop_assert_eq!(&out, &s);
+        } else {
+            prop_assert!(out.ends_with(TRUNCATION_MARKER));
+            let kept: String = s.chars().take(limit).collect();
+            prop_assert_eq!(out, kept + TRUNCATION_MARKER);
+        }
+    }
+
+    #[test]
+    fn every_textarea_trait_stays_within_the_limit(
+        text in "\\PC{0,120}",
+        authors in proptest::collection::vec("\\PC{0,12}", 0..8),
+        limit in 0usize..150,
+    ) {
+        let mut event = sample::full_event();
+        event.request.title = Some(text.clone());
+        event.request.summary = Some(text.repeat(3));
+        event.request.csat = Some(text.clone());
+        event.request.customer_thread =
+            authors.iter().enumerate().map(|(i, a)| msg(a, &text, i as i64)).collect();
+        let fields = vitally_fields(&[]);
+        let mapped = map_instance(&event, &fields, &MappingOptions { textarea_limit: limit });
+        let marker = TRUNCATION_MARKER.chars().count();
+        for (l, t) in FIXED_TRAITS {
+            if t == FieldType::Textarea
+                && let Some(s) = mapped.traits[&path(&fields, l)].as_str()
+            {
+                prop_assert!(s.chars().count() <= limit + marker, "{} too long", l);
+            }
+        }
+    }
+}

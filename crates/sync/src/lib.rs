@@ -1,1 +1,18 @@
-//! thena-sync
+//! The consumer: takes request-change events off RabbitMQ and makes Vitally show the
+//! current request under the right customer.
+//!
+//! - [`linking`] and [`policy`]: the product doc's rules as pure functions.
+//! - [`cache`] and [`guard`]: fleet-wide Redis state (lookups, per-request locks, versions).
+//! - [`pipeline`]: one event → one [`outcome::Outcome`].
+//! - [`worker`]: deliveries in, acks and hand-offs out.
+
+pub mod app;
+pub mod cache;
+pub mod guard;
+pub mod linking;
+pub mod metrics;
+pub mod outcome;
+pub mod pipeline;
+pub mod policy;
+pub mod redis_conn;
+pub mod worker;

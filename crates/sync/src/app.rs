@@ -1,0 +1,103 @@
+//! Assembles a consumer from the shared configuration: the one place the CLI, the demo
+//! and the tests build it, so they all run the same thing.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use thena_broker::{Broker, Topology};
+use thena_runtime::{Config, ops::Readiness};
+use vitally_client::{
+    client::VitallyHttp,
+    crypto::SecretCipher,
+    integrations::{IntegrationCache, IntegrationStore},
+    limiter::RateLimiter,
+    metrics::VitallyMetrics,
+};
+
+use crate::{
+    cache::Cache,
+    guard::RequestGuards,
+    metrics::SyncMetrics,
+    pipeline::{Pipeline, PipelineSettings},
+    redis_conn,
+    worker::{Worker, WorkerSettings},
+};
+
+/// How long a consumer may hold a request's lock: beyond any single event's Vitally calls.
+const REQUEST_LOCK_TTL: Duration = Duration::from_secs(60);
+
+/// The fleet's topology as configured (every role declares the same one).
+pub fn topology(config: &Config) -> Topology {
+    Topology::new(config.name_prefix.clone())
+        .with_delivery_limit(config.retry.delivery_limit)
+        .with_delay_tiers(config.retry.tiers.clone())
+}
+
+/// Integration records as every role reads them (encrypted with `INTEGRATIONS_KEY`).
+pub async fn integration_store(config: &Config) -> anyhow::Result<IntegrationStore> {
+    let key = config.require_integrations_key()?;
+    let cipher = SecretCipher::from_key(&key).context("INTEGRATIONS_KEY")?;
+    let redis = redis_conn::connect(&config.redis_url)
+        .await
+        .context("cannot connect to Redis (REDIS_URL)")?;
+    Ok(IntegrationStore::new(redis, &config.redis_prefix, cipher))
+}
+
+/// A ready-to-run consumer with its metrics registered in `registry`.
+pub async fn build_worker(
+    config: &Config,
+    registry: &prometheus::Registry,
+    readiness: Readiness,
+) -> anyhow::Result<Worker> {
+    let broker = Broker::connect(
+        config.amqp_url.clone(),
+        "thena-vitally-consumer",
+        topology(config),
+    )
+    .await
+    .context("cannot connect to RabbitMQ (AMQP_URL)")?;
+    let redis = redis_conn::connect(&config.redis_url)
+        .await
+        .context("cannot connect to Redis (REDIS_URL)")?;
+    let store = integration_store(config).await?;
+    let vitally_metrics = VitallyMetrics::new(registry)?;
+    let http = VitallyHttp::new(config.vitally.timeout, vitally_metrics.clone())?;
+    let limiter = RateLimiter::new(
+        redis.clone(),
+        &config.redis_prefix,
+        config.vitally.limiter_fallback_share,
+    )
+    .with_metrics(vitally_metrics);
+    let metrics = SyncMetrics::new(registry)?;
+    let pipeline = Pipeline {
+        integrations: IntegrationCache::new(store, config.cache.integration_refresh),
+        http,
+        limiter,
+        cache: Cache::new(redis.clone(), &config.redis_prefix, metrics.clone()),
+        guards: RequestGuards::new(redis, &config.redis_prefix, REQUEST_LOCK_TTL),
+        settings: PipelineSettings {
+            user_ttl: config.cache.user_ttl,
+            negative_ttl: config.cache.negative_ttl,
+            account_org_ttl: config.cache.account_org_ttl,
+            domain_ttl: config.cache.domain_ttl,
+            instance_ttl: config.cache.instance_ttl,
+            free_mail_domains: config.free_mail_domains.clone(),
+            textarea_limit: config.vitally.textarea_limit,
+            max_rate_wait: config.consumer.max_rate_wait,
+            lock_wait: Duration::from_secs(2),
+        },
+        metrics: metrics.clone(),
+    };
+    Ok(Worker {
+        broker,
+        pipeline: Arc::new(pipeline),
+        settings: WorkerSettings {
+            concurrency: config.consumer.concurrency,
+            prefetch: config.consumer.prefetch,
+            shutdown_grace: config.consumer.shutdown_grace,
+        },
+        metrics,
+        readiness,
+        observer: None,
+    })
+}

@@ -1,0 +1,260 @@
+//! Where a request goes in Vitally: the product doc's linking table and the email-domain
+//! fallback, as pure functions over ids. The I/O that feeds them lives in `resolve`.
+
+use std::collections::BTreeSet;
+
+/// The Vitally customer records an instance is attached to (Vitally ids).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Target {
+    pub account_id: Option<String>,
+    pub organization_id: Option<String>,
+}
+
+impl Target {
+    pub fn account(id: &str) -> Self {
+        Self {
+            account_id: Some(id.to_string()),
+            organization_id: None,
+        }
+    }
+
+    pub fn organization(id: &str) -> Self {
+        Self {
+            account_id: None,
+            organization_id: Some(id.to_string()),
+        }
+    }
+
+    pub fn both(account: &str, organization: &str) -> Self {
+        Self {
+            account_id: Some(account.to_string()),
+            organization_id: Some(organization.to_string()),
+        }
+    }
+}
+
+/// Why a request is deliberately not linked anywhere ("No sync" in the product doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NoLink {
+    /// No organization, many accounts.
+    ManyAccounts,
+    /// Many organizations, no account.
+    ManyOrganizations,
+    /// Many organizations and many accounts.
+    ManyOrganizationsAndAccounts,
+    /// The requestor shared no email address, so there is nothing to fall back on.
+    NoEmail,
+    /// A free-mail domain says nothing about the customer: linking by it would leak data.
+    FreeMailDomain,
+    /// Nobody at the email domain belongs to any Vitally account or organization.
+    DomainUnknown,
+    /// Users at the email domain belong to several customers: no safe choice.
+    DomainAmbiguous,
+}
+
+impl NoLink {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoLink::ManyAccounts => "user_in_many_accounts",
+            NoLink::ManyOrganizations => "user_in_many_organizations",
+            NoLink::ManyOrganizationsAndAccounts => "user_in_many_organizations_and_accounts",
+            NoLink::NoEmail => "no_email",
+            NoLink::FreeMailDomain => "free_mail_domain",
+            NoLink::DomainUnknown => "domain_unknown",
+            NoLink::DomainAmbiguous => "domain_ambiguous",
+        }
+    }
+}
+
+/// What the linking table says for one user's memberships.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserLink {
+    Link(Target),
+    /// Many organizations + one account: the account and *its* organization, which needs
+    /// one more lookup (the account's `organizationId`).
+    AccountAndItsOrganization(String),
+    NoSync(NoLink),
+    /// Linked nowhere: try the email-domain fallback.
+    Unlinked,
+}
+
+enum Presence<'a> {
+    None,
+    One(&'a str),
+    Many,
+}
+
+fn presence<'a>(ids: &BTreeSet<&'a str>) -> Presence<'a> {
+    let mut iter = ids.iter();
+    match (iter.next(), iter.next()) {
+        (None, _) => Presence::None,
+        (Some(&id), None) => Presence::One(id),
+        (Some(_), Some(_)) => Presence::Many,
+    }
+}
+
+/// The product doc's table: organization presence × account presence.
+pub fn link_user(organization_ids: &[String], account_ids: &[String]) -> UserLink {
+    let orgs: BTreeSet<&str> = organization_ids.iter().map(String::as_str).collect();
+    let accounts: BTreeSet<&str> = account_ids.iter().map(String::as_str).collect();
+    match (presence(&orgs), presence(&accounts)) {
+        (Presence::None, Presence::None) => UserLink::Unlinked,
+        (Presence::None, Presence::One(account)) => UserLink::Link(Target::account(account)),
+        (Presence::None, Presence::Many) => UserLink::NoSync(NoLink::ManyAccounts),
+        (Presence::One(org), Presence::None) => UserLink::Link(Target::organization(org)),
+        (Presence::One(org), Presence::One(account)) => UserLink::Link(Target::both(account, org)),
+        (Presence::One(org), Presence::Many) => UserLink::Link(Target::organization(org)),
+        (Presence::Many, Presence::None) => UserLink::NoSync(NoLink::ManyOrganizations),
+        (Presence::Many, Presence::One(account)) => {
+            UserLink::AccountAndItsOrganization(account.to_string())
+        }
+        (Presence::Many, Presence::Many) => UserLink::NoSync(NoLink::ManyOrganizationsAndAccounts),
+    }
+}
+
+/// Memberships of one Vitally user, as far as linking cares.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Memberships {
+    pub organization_ids: Vec<String>,
+    pub account_ids: Vec<String>,
+}
+
+/// Where the email-domain fallback puts a new user (and so the request).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DomainChoice {
+    Account(String),
+    Organization(String),
+    NoSync(DomainNoSync),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DomainNoSync {
+    Unknown,
+    Ambiguous,
+}
+
+impl From<DomainNoSync> for NoLink {
+    fn from(reason: DomainNoSync) -> Self {
+        match reason {
+            DomainNoSync::Unknown => NoLink::DomainUnknown,
+            DomainNoSync::Ambiguous => NoLink::DomainAmbiguous,
+        }
+    }
+}
+
+/// Is the requestor's domain one the fallback must never use?
+pub fn is_free_mail(domain: &str, free_mail_domains: &[String]) -> bool {
+    free_mail_domains
+        .iter()
+        .any(|d| d.eq_ignore_ascii_case(domain))
+}
+
+/// The fallback over the users found at the requestor's email domain: exactly one account
+/// among them wins; else exactly one organization; none or several is no sync.
+pub fn choose_by_domain(users_at_domain: &[Memberships]) -> DomainChoice {
+    let accounts: BTreeSet<&str> = users_at_domain
+        .iter()
+        .flat_map(|u| u.account_ids.iter().map(String::as_str))
+        .collect();
+    if let Presence::One(account) = presence(&accounts) {
+        return DomainChoice::Account(account.to_string());
+    }
+    let orgs: BTreeSet<&str> = users_at_domain
+        .iter()
+        .flat_map(|u| u.organization_ids.iter().map(String::as_str))
+        .collect();
+    match (presence(&orgs), presence(&accounts)) {
+        (Presence::One(org), _) => DomainChoice::Organization(org.to_string()),
+        (Presence::None, Presence::None) => DomainChoice::NoSync(DomainNoSync::Unknown),
+        (Presence::Many, _) | (Presence::None, Presence::Many | Presence::One(_)) => {
+            DomainChoice::NoSync(DomainNoSync::Ambiguous)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize, prefix: &str) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}{i}")).collect()
+    }
+
+    #[test]
+    fn every_row_of_the_product_table() {
+        use UserLink::*;
+        let rows: [(usize, usize, UserLink); 9] = [
+            (0, 0, Unlinked),
+            (0, 1, Link(Target::account("a0"))),
+            (0, 2, NoSync(NoLink::ManyAccounts)),
+            (1, 0, Link(Target::organization("o0"))),
+            (1, 1, Link(Target::both("a0", "o0"))),
+            (1, 2, Link(Target::organization("o0"))),
+            (2, 0, NoSync(NoLink::ManyOrganizations)),
+            (2, 1, AccountAndItsOrganization("a0".into())),
+            (2, 2, NoSync(NoLink::ManyOrganizationsAndAccounts)),
+        ];
+        for (orgs, accounts, expected) in rows {
+            assert_eq!(
+                link_user(&ids(orgs, "o"), &ids(accounts, "a")),
+                expected,
+                "{orgs} orgs × {accounts} accounts"
+            );
+        }
+    }
+
+    #[test]
+    fn repeated_ids_count_once() {
+        let twice = vec!["a0".to_string(), "a0".to_string()];
+        assert_eq!(
+            link_user(&[], &twice),
+            UserLink::Link(Target::account("a0"))
+        );
+    }
+
+    fn member(orgs: &[&str], accounts: &[&str]) -> Memberships {
+        Memberships {
+            organization_ids: orgs.iter().map(|s| s.to_string()).collect(),
+            account_ids: accounts.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_domain_fallback_prefers_one_account_then_one_organization() {
+        assert_eq!(
+            choose_by_domain(&[member(&[], &["a"]), member(&["o"], &["a"])]),
+            DomainChoice::Account("a".into())
+        );
+        assert_eq!(
+            choose_by_domain(&[member(&["o"], &["a", "b"])]),
+            DomainChoice::Organization("o".into())
+        );
+        assert_eq!(
+            choose_by_domain(&[member(&["o"], &[])]),
+            DomainChoice::Organization("o".into())
+        );
+        assert_eq!(
+            choose_by_domain(&[]),
+            DomainChoice::NoSync(DomainNoSync::Unknown)
+        );
+        assert_eq!(
+            choose_by_domain(&[member(&[], &[])]),
+            DomainChoice::NoSync(DomainNoSync::Unknown)
+        );
+        assert_eq!(
+            choose_by_domain(&[member(&[], &["a", "b"])]),
+            DomainChoice::NoSync(DomainNoSync::Ambiguous)
+        );
+        assert_eq!(
+            choose_by_domain(&[member(&["o", "p"], &["a", "b"])]),
+            DomainChoice::NoSync(DomainNoSync::Ambiguous)
+        );
+    }
+
+    #[test]
+    fn free_mail_is_matched_case_insensitively() {
+        let list = vec!["gmail.com".to_string()];
+        assert!(is_free_mail("GMail.com", &list));
+        assert!(!is_free_mail("thena.ai", &list));
+    }
+}

@@ -1,0 +1,61 @@
+//! How one event ended. Every delivery ends in exactly one of these, and each is counted.
+
+use std::time::Duration;
+
+use crate::{linking::NoLink, policy::PolicySkip};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Vitally answered 2xx.
+    Synced { created: bool },
+    /// Deliberately not synced; acked and counted by reason.
+    Skipped(Skip),
+    /// The integration is out of budget (or paused after a 429), or another consumer holds
+    /// the request: come back later through a delay queue, freeing the slot now.
+    Deferred {
+        wait: Duration,
+        reason: &'static str,
+    },
+    /// A transient failure: dead-lettered for the replayer's backoff.
+    Retry { reason: String, error: String },
+    /// A permanent failure: parked for a human.
+    Park { reason: String, error: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    Policy(PolicySkip),
+    NoLink(NoLink),
+    /// A newer version of the request was already applied.
+    StaleVersion,
+    /// This very version was already applied (a redelivery).
+    AlreadyApplied,
+    /// The instance exists and `update_requests` is off.
+    UpdateDisabled,
+}
+
+impl Skip {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skip::Policy(reason) => reason.as_str(),
+            Skip::NoLink(reason) => reason.as_str(),
+            Skip::StaleVersion => "stale_version",
+            Skip::AlreadyApplied => "already_applied",
+            Skip::UpdateDisabled => "update_disabled",
+        }
+    }
+}
+
+impl Outcome {
+    /// The metric label pair (outcome, reason).
+    pub fn labels(&self) -> (&'static str, String) {
+        match self {
+            Outcome::Synced { created: true } => ("synced", "created".into()),
+            Outcome::Synced { created: false } => ("synced", "updated".into()),
+            Outcome::Skipped(skip) => ("skipped", skip.as_str().into()),
+            Outcome::Deferred { reason, .. } => ("deferred", (*reason).into()),
+            Outcome::Retry { reason, .. } => ("retried", reason.clone()),
+            Outcome::Park { reason, .. } => ("parked", reason.clone()),
+        }
+    }
+}

@@ -1,0 +1,577 @@
+//! One event in, one [`Outcome`] out: policy, linking (with the Redis cache), mapping and
+//! the guarded upsert. No AMQP here — the worker turns outcomes into acks and republishes.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use thena_events::RequestChanged;
+use vitally_client::{
+    client::{InstanceBody, NewUser, User, VitallyClient, VitallyHttp},
+    error::{ErrorClass, ErrorKind, VitallyError},
+    integrations::{Integration, IntegrationCache, StoreError},
+    limiter::{Admission, RateLimiter},
+    mapping::{FieldMap, FieldRef, MappingOptions, map_instance},
+    provision::{self, ConnectError},
+};
+
+use crate::{
+    cache::{Cache, Ttl},
+    guard::RequestGuards,
+    linking::{
+        DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
+        link_user,
+    },
+    metrics::SyncMetrics,
+    outcome::{Outcome, Skip},
+    policy::{self, PolicyDecision, Toggles},
+};
+
+/// Knobs of the pipeline (from the shared configuration).
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    pub user_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub account_org_ttl: Duration,
+    pub domain_ttl: Duration,
+    pub instance_ttl: Duration,
+    pub free_mail_domains: Vec<String>,
+    pub textarea_limit: usize,
+    /// Longest wait for an integration's budget before the event is deferred instead.
+    pub max_rate_wait: Duration,
+    /// Longest wait for another consumer to finish with the same request.
+    pub lock_wait: Duration,
+}
+
+/// Everything the pipeline talks to, shared by all in-flight events.
+pub struct Pipeline {
+    pub integrations: IntegrationCache,
+    pub http: VitallyHttp,
+    pub limiter: RateLimiter,
+    pub cache: Cache,
+    pub guards: RequestGuards,
+    pub settings: PipelineSettings,
+    pub metrics: SyncMetrics,
+}
+
+/// Why a step stopped short of a result.
+#[derive(Debug)]
+enum StepError {
+    Vitally(VitallyError),
+    /// The integration's budget is spent (or paused after a 429) for longer than we wait.
+    OutOfBudget(Duration),
+    /// Another consumer holds this request for longer than we wait.
+    Busy,
+    /// Redis is needed for the lock or the version guard and is unreachable.
+    Redis(String),
+    /// The integration record could not be read.
+    Store(StoreError),
+    /// Retrying cannot help until someone fixes the cause.
+    Permanent {
+        reason: &'static str,
+        error: String,
+    },
+}
+
+impl StepError {
+    /// The single place a failure becomes an outcome: every class of every error.
+    fn into_outcome(self) -> Outcome {
+        match self {
+            StepError::Vitally(error) => {
+                let reason = vitally_reason(&error);
+                match error.class() {
+                    ErrorClass::Transient => Outcome::Retry {
+                        reason,
+                        error: error.to_string(),
+                    },
+                    ErrorClass::RateLimited { reset } => Outcome::Deferred {
+                        wait: reset,
+                        reason: "vitally_429",
+                    },
+                    ErrorClass::Permanent => Outcome::Park {
+                        reason,
+                        error: error.to_string(),
+                    },
+                }
+            }
+            StepError::OutOfBudget(wait) => Outcome::Deferred {
+                wait,
+                reason: "rate_budget",
+            },
+            StepError::Busy => Outcome::Deferred {
+                wait: Duration::from_secs(1),
+                reason: "request_busy",
+            },
+            StepError::Redis(error) => Outcome::Retry {
+                reason: "redis_unavailable".into(),
+                error,
+            },
+            StepError::Store(error) => Outcome::Retry {
+                reason: "integration_store".into(),
+                error: error.to_string(),
+            },
+            StepError::Permanent { reason, error } => Outcome::Park {
+                reason: reason.into(),
+                error,
+            },
+        }
+    }
+}
+
+impl From<VitallyError> for StepError {
+    fn from(error: VitallyError) -> Self {
+        StepError::Vitally(error)
+    }
+}
+
+/// `vitally_503`, `vitally_timeout`, …: the metric and header label of a Vitally failure.
+fn vitally_reason(error: &VitallyError) -> String {
+    let kind = match error.kind() {
+        ErrorKind::Status(status) => return format!("vitally_{status}"),
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::Connect => "connect",
+        ErrorKind::Transport => "transport",
+        ErrorKind::Decode => "decode",
+        ErrorKind::InvalidRequest => "invalid_request",
+    };
+    format!("vitally_{kind}")
+}
+
+fn redis_err(error: redis::RedisError) -> StepError {
+    StepError::Redis(error.to_string())
+}
+
+/// One integration's calls, each admitted by the fleet-wide limiter first.
+struct Session<'a> {
+    client: VitallyClient,
+    limiter: &'a RateLimiter,
+    workspace: &'a str,
+    budget: u32,
+    max_wait: Duration,
+}
+
+impl Session<'_> {
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<T, VitallyError>>,
+    ) -> Result<T, StepError> {
+        match self
+            .limiter
+            .acquire(self.workspace, self.budget, self.max_wait)
+            .await
+        {
+            Admission::Granted => {}
+            Admission::Wait(wait) | Admission::Paused(wait) => {
+                return Err(StepError::OutOfBudget(wait));
+            }
+        }
+        match call.await {
+            Ok(value) => Ok(value),
+            Err(error) => {
+                if let ErrorClass::RateLimited { reset } = error.class() {
+                    // Every replica stops calling this integration until Vitally resets.
+                    self.limiter.pause(self.workspace, reset).await;
+                }
+                Err(StepError::Vitally(error))
+            }
+        }
+    }
+}
+
+impl Pipeline {
+    /// Processes one decoded event to its outcome.
+    pub async fn process(&self, event: &RequestChanged) -> Outcome {
+        match self.try_process(event).await {
+            Ok(outcome) => outcome,
+            Err(error) => error.into_outcome(),
+        }
+    }
+
+    async fn try_process(&self, event: &RequestChanged) -> Result<Outcome, StepError> {
+        let Some(integration) = self
+            .integrations
+            .get(&event.workspace_id)
+            .await
+            .map_err(StepError::Store)?
+        else {
+            return Ok(Outcome::Park {
+                reason: "no_integration".into(),
+                error: format!(
+                    "no Vitally integration for workspace {}",
+                    event.workspace_id
+                ),
+            });
+        };
+        let toggles = Toggles {
+            push_requests: integration.push_requests,
+            update_requests: integration.update_requests,
+            sync_threads: integration.sync_threads,
+            established_at: integration.established_at,
+        };
+        let may_update = match policy::decide(event, &toggles) {
+            PolicyDecision::Skip(reason) => return Ok(Outcome::Skipped(Skip::Policy(reason))),
+            PolicyDecision::Sync { may_update } => may_update,
+        };
+
+        let request_id = event.request.id;
+        let Some(lock) = self
+            .guards
+            .lock(&event.workspace_id, request_id, self.settings.lock_wait)
+            .await
+            .map_err(redis_err)?
+        else {
+            return Err(StepError::Busy);
+        };
+        let result = self.locked(event, &integration, may_update).await;
+        self.guards.release(lock).await;
+        result
+    }
+
+    /// The part that must not interleave with another consumer on the same request.
+    async fn locked(
+        &self,
+        event: &RequestChanged,
+        integration: &Arc<Integration>,
+        may_update: bool,
+    ) -> Result<Outcome, StepError> {
+        let ws = event.workspace_id.as_str();
+        let last = self
+            .guards
+            .last_version(ws, event.request.id)
+            .await
+            .map_err(redis_err)?;
+        match last {
+            Some(last) if event.request.version < last => {
+                return Ok(Outcome::Skipped(Skip::StaleVersion));
+            }
+            Some(last) if event.request.version == last => {
+                return Ok(Outcome::Skipped(Skip::AlreadyApplied));
+            }
+            Some(_) | None => {}
+        }
+
+        let session = Session {
+            client: integration.client(&self.http),
+            limiter: &self.limiter,
+            workspace: ws,
+            budget: integration.rate_budget_per_min,
+            max_wait: self.settings.max_rate_wait,
+        };
+        let target = match self.resolve_target(&session, event).await? {
+            Ok(target) => target,
+            Err(no_link) => return Ok(Outcome::Skipped(Skip::NoLink(no_link))),
+        };
+
+        let mut fields: FieldMap = integration.fields.clone();
+        let options = MappingOptions {
+            textarea_limit: self.settings.textarea_limit,
+        };
+        let mut mapped = map_instance(event, &fields, &options);
+        if integration.auto_create_fields && !mapped.dropped_categories.is_empty() {
+            for category in &mapped.dropped_categories {
+                let field = self.create_field(integration, category).await?;
+                fields.insert(category.clone(), field);
+            }
+            self.integrations.invalidate(ws);
+            mapped = map_instance(event, &fields, &options);
+        }
+        if !mapped.dropped_categories.is_empty() {
+            self.http
+                .metrics()
+                .mapping_dropped_categories
+                .with_label_values(&[ws])
+                .inc_by(mapped.dropped_categories.len() as u64);
+        }
+        let body = InstanceBody {
+            name: mapped.name,
+            external_id: mapped.external_id,
+            customer_id: target.account_id,
+            organization_id: target.organization_id,
+            traits: mapped.traits,
+        };
+
+        let outcome = self
+            .upsert(&session, integration, &body, may_update)
+            .await?;
+        if let Outcome::Synced { .. } = outcome
+            && let Err(e) = self
+                .guards
+                .record_version(ws, event.request.id, event.request.version)
+                .await
+        {
+            // Vitally has it; a lost version only costs a redundant update later.
+            self.metrics.redis_error("record_version");
+            tracing::warn!(error = %e, "synced, but could not record the version");
+        }
+        Ok(outcome)
+    }
+
+    /// Creates a missing category trait once for the whole fleet: under a workspace-wide
+    /// lock, and idempotent (it re-reads the object's fields first).
+    async fn create_field(
+        &self,
+        integration: &Integration,
+        label: &str,
+    ) -> Result<FieldRef, StepError> {
+        let ws = integration.workspace_id.as_str();
+        let Some(lock) = self
+            .guards
+            .lock_named(&format!("fields:{ws}"), self.settings.lock_wait)
+            .await
+            .map_err(redis_err)?
+        else {
+            return Err(StepError::Busy);
+        };
+        let created =
+            provision::ensure_field(&self.http, self.integrations.store(), integration, label)
+                .await;
+        self.guards.release(lock).await;
+        match created {
+            Ok(field) => Ok(field),
+            Err(ConnectError::Vitally(error)) => Err(StepError::Vitally(error)),
+            Err(ConnectError::Store(error)) => Err(StepError::Store(error)),
+            Err(
+                error @ (ConnectError::InvalidUrl(_)
+                | ConnectError::InvalidAuthHeader(_)
+                | ConnectError::InvalidSetting(_)
+                | ConnectError::Unauthorized { .. }
+                | ConnectError::Unreachable { .. }
+                | ConnectError::Provisioning { .. }
+                | ConnectError::UnsupportedFieldType { .. }
+                | ConnectError::NotConnected(_)),
+            ) => Err(StepError::Permanent {
+                reason: "field_provisioning",
+                error: error.to_string(),
+            }),
+        }
+    }
+
+    /// Finds the instance by externalId (cached id), then updates or creates it.
+    async fn upsert(
+        &self,
+        session: &Session<'_>,
+        integration: &Integration,
+        body: &InstanceBody,
+        may_update: bool,
+    ) -> Result<Outcome, StepError> {
+        let object = integration.custom_object_id.as_str();
+        let cache_id = format!("{}:{}", integration.workspace_id, body.external_id);
+        let ttl = Ttl {
+            found: self.settings.instance_ttl,
+            // Never cache "no instance": another consumer may create it any moment.
+            not_found: None,
+        };
+        let cached = self
+            .cache
+            .get_or_fetch("instance", &cache_id, ttl, || async {
+                let found = session
+                    .call(session.client.find_instance(object, &body.external_id))
+                    .await?;
+                Ok::<_, StepError>(found.map(|instance| instance.id))
+            })
+            .await?;
+
+        if let Some(id) = cached {
+            if !may_update {
+                return Ok(Outcome::Skipped(Skip::UpdateDisabled));
+            }
+            match session
+                .call(session.client.update_instance(object, &id, body))
+                .await
+            {
+                Ok(_) => return Ok(Outcome::Synced { created: false }),
+                Err(StepError::Vitally(e)) if e.is_not_found() => {
+                    // Deleted in Vitally (or a stale cache): resolve again from the source.
+                    self.cache.invalidate("instance", &cache_id).await;
+                    if let Some(found) = session
+                        .call(session.client.find_instance(object, &body.external_id))
+                        .await?
+                    {
+                        session
+                            .call(session.client.update_instance(object, &found.id, body))
+                            .await?;
+                        self.cache
+                            .put("instance", &cache_id, Some(&found.id), ttl)
+                            .await;
+                        return Ok(Outcome::Synced { created: false });
+                    }
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let created = session
+            .call(session.client.create_instance(object, body))
+            .await?;
+        self.cache
+            .put("instance", &cache_id, Some(&created.id), ttl)
+            .await;
+        Ok(Outcome::Synced { created: true })
+    }
+
+    /// The linking table, then the email-domain fallback.
+    async fn resolve_target(
+        &self,
+        session: &Session<'_>,
+        event: &RequestChanged,
+    ) -> Result<Result<Target, NoLink>, StepError> {
+        let ws = event.workspace_id.as_str();
+        let Some(email) = event
+            .request
+            .requestor
+            .email
+            .as_deref()
+            .map(|e| e.trim().to_ascii_lowercase())
+            .filter(|e| !e.is_empty())
+        else {
+            return Ok(Err(NoLink::NoEmail));
+        };
+        let user_ttl = Ttl {
+            found: self.settings.user_ttl,
+            not_found: Some(self.settings.negative_ttl),
+        };
+        let memberships: Option<Memberships> = self
+            .cache
+            .get_or_fetch("user", &format!("{ws}:{email}"), user_ttl, || async {
+                let users = session.call(session.client.users_by_email(&email)).await?;
+                Ok::<_, StepError>(merge_memberships(&users))
+            })
+            .await?;
+
+        let link = match &memberships {
+            Some(m) => link_user(&m.organization_ids, &m.account_ids),
+            None => UserLink::Unlinked,
+        };
+        match link {
+            UserLink::Link(target) => Ok(Ok(target)),
+            UserLink::NoSync(reason) => Ok(Err(reason)),
+            UserLink::AccountAndItsOrganization(account) => {
+                let organization = self.account_organization(session, ws, &account).await?;
+                Ok(Ok(Target {
+                    account_id: Some(account),
+                    organization_id: organization,
+                }))
+            }
+            UserLink::Unlinked => {
+                self.domain_fallback(session, event, &email, memberships.is_some())
+                    .await
+            }
+        }
+    }
+
+    async fn account_organization(
+        &self,
+        session: &Session<'_>,
+        ws: &str,
+        account: &str,
+    ) -> Result<Option<String>, StepError> {
+        let ttl = Ttl {
+            found: self.settings.account_org_ttl,
+            not_found: Some(self.settings.negative_ttl),
+        };
+        self.cache
+            .get_or_fetch("account_org", &format!("{ws}:{account}"), ttl, || async {
+                let account = session.call(session.client.account(account)).await?;
+                Ok::<_, StepError>(account.and_then(|a| a.organization_id))
+            })
+            .await
+    }
+
+    /// The requestor is not a Vitally user, or is linked nowhere: find the customer by the
+    /// email domain and, for an unknown requestor, create the user there.
+    async fn domain_fallback(
+        &self,
+        session: &Session<'_>,
+        event: &RequestChanged,
+        email: &str,
+        user_exists: bool,
+    ) -> Result<Result<Target, NoLink>, StepError> {
+        let ws = event.workspace_id.as_str();
+        let Some(domain) = event.request.requestor.email_domain() else {
+            return Ok(Err(NoLink::NoEmail));
+        };
+        if is_free_mail(&domain, &self.settings.free_mail_domains) {
+            return Ok(Err(NoLink::FreeMailDomain));
+        }
+        let ttl = Ttl {
+            found: self.settings.domain_ttl,
+            not_found: None,
+        };
+        let choice = self
+            .cache
+            .get_or_fetch("domain", &format!("{ws}:{domain}"), ttl, || async {
+                let users = session
+                    .call(session.client.users_by_email_domain(&domain))
+                    .await?;
+                let members: Vec<Memberships> = users.iter().map(memberships_of).collect();
+                Ok::<_, StepError>(Some(choose_by_domain(&members)))
+            })
+            .await?
+            .unwrap_or(DomainChoice::NoSync(crate::linking::DomainNoSync::Unknown));
+
+        let (target, new_user) = match choice {
+            DomainChoice::NoSync(reason) => return Ok(Err(reason.into())),
+            DomainChoice::Account(account) => (
+                Target::account(&account),
+                Memberships {
+                    organization_ids: vec![],
+                    account_ids: vec![account],
+                },
+            ),
+            DomainChoice::Organization(org) => (
+                Target::organization(&org),
+                Memberships {
+                    organization_ids: vec![org],
+                    account_ids: vec![],
+                },
+            ),
+        };
+        if !user_exists {
+            let requestor = &event.request.requestor;
+            // Deterministic: two consumers creating the same requestor upsert one user.
+            let external_id = match requestor.slack_user_id.as_deref() {
+                Some(slack_id) if !slack_id.is_empty() => format!("thena:{ws}:{slack_id}"),
+                Some(_) | None => format!("thena:{ws}:{email}"),
+            };
+            let user = NewUser {
+                external_id,
+                name: requestor.name.clone().unwrap_or_else(|| email.to_string()),
+                email: email.to_string(),
+                account_ids: new_user.account_ids.clone(),
+                organization_ids: new_user.organization_ids.clone(),
+            };
+            session.call(session.client.create_user(&user)).await?;
+            let user_ttl = Ttl {
+                found: self.settings.user_ttl,
+                not_found: Some(self.settings.negative_ttl),
+            };
+            self.cache
+                .put("user", &format!("{ws}:{email}"), Some(&new_user), user_ttl)
+                .await;
+        }
+        Ok(Ok(target))
+    }
+}
+
+fn memberships_of(user: &User) -> Memberships {
+    Memberships {
+        organization_ids: user.organization_ids.clone(),
+        account_ids: user.account_ids.clone(),
+    }
+}
+
+/// Several Vitally users can share an address; link by all their memberships together.
+fn merge_memberships(users: &[User]) -> Option<Memberships> {
+    if users.is_empty() {
+        return None;
+    }
+    let mut merged = Memberships::default();
+    for user in users {
+        merged
+            .organization_ids
+            .extend(user.organization_ids.iter().cloned());
+        merged.account_ids.extend(user.account_ids.iter().cloned());
+    }
+    merged.organization_ids.sort();
+    merged.organization_ids.dedup();
+    merged.account_ids.sort();
+    merged.account_ids.dedup();
+    Some(merged)
+}

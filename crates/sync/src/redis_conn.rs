@@ -1,0 +1,17 @@
+//! One way to open Redis: a self-healing `ConnectionManager` with short timeouts, so a
+//! Redis outage turns into quick errors the callers degrade on, never hung events.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::{ExposeSecret, SecretString};
+
+pub async fn connect(url: &SecretString) -> redis::RedisResult<ConnectionManager> {
+    let client = redis::Client::open(url.expose_secret())?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2));
+    ConnectionManager::new_with_config(client, config).await
+}

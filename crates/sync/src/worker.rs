@@ -1,0 +1,307 @@
+//! The consumer loop: takes deliveries with bounded concurrency, runs each through the
+//! [`Pipeline`], and settles it — ack only once Vitally answered 2xx, the event was
+//! deliberately skipped, or it was safely handed on (delay, dead-letter or parked queue,
+//! with a publisher confirm). Reconnects when the broker goes away or cancels us.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    },
+    types::FieldTable,
+};
+use thena_broker::{Broker, Failure, FailureClass, Publisher};
+use thena_events::{RequestChanged, decode_event};
+use thena_runtime::ops::Readiness;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{metrics::SyncMetrics, outcome::Outcome, pipeline::Pipeline};
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub concurrency: usize,
+    pub prefetch: u16,
+    pub shutdown_grace: Duration,
+}
+
+pub struct Worker {
+    pub broker: Broker,
+    pub pipeline: Arc<Pipeline>,
+    pub settings: WorkerSettings,
+    pub metrics: SyncMetrics,
+    pub readiness: Readiness,
+    /// Told about every settled delivery (the demo's table, tests); none in production.
+    pub observer: Option<mpsc::UnboundedSender<Settled>>,
+}
+
+/// One delivery's end, as reported to an observer.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub workspace_id: Option<String>,
+    pub request_id: Option<u64>,
+    pub version: Option<u64>,
+    pub outcome: Outcome,
+}
+
+/// Settles deliveries: the hand-off publisher plus what is told about each outcome.
+#[derive(Clone)]
+struct Settler {
+    publisher: Publisher,
+    metrics: SyncMetrics,
+    observer: Option<mpsc::UnboundedSender<Settled>>,
+}
+
+impl Worker {
+    /// Runs until `shutdown` is cancelled, then stops taking deliveries and gives the
+    /// in-flight ones `shutdown_grace` to finish (unfinished ones are redelivered).
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tracker = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(self.settings.concurrency));
+        let mut backoff = Duration::from_millis(100);
+        let mut last_channel = None;
+        'connection: while !shutdown.is_cancelled() {
+            let subscribed = self.subscribe().await;
+            let (channel, mut consumer, settler) = match subscribed {
+                Ok(parts) => parts,
+                Err(e) => {
+                    self.readiness.set("broker", false);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot subscribe; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'connection,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            self.readiness.set("broker", true);
+            tracing::info!(queue = %self.broker.topology().sync_queue(), "consuming");
+            loop {
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        last_channel = Some((channel, consumer.tag()));
+                        break 'connection;
+                    }
+                    permit = slots.clone().acquire_owned() => permit?,
+                };
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        last_channel = Some((channel, consumer.tag()));
+                        break 'connection;
+                    }
+                    next = consumer.next() => next,
+                };
+                match next {
+                    Some(Ok(delivery)) => {
+                        let pipeline = self.pipeline.clone();
+                        let settler = settler.clone();
+                        tracker.spawn(async move {
+                            settler.handle(&pipeline, delivery).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "delivery stream failed; resubscribing");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("the broker cancelled the consumer; resubscribing");
+                        break;
+                    }
+                }
+            }
+            self.readiness.set("broker", false);
+        }
+
+        // Stop new deliveries first; prefetched, unstarted ones go back to the queue when
+        // the channel closes.
+        if let Some((channel, tag)) = &last_channel
+            && let Err(e) = channel
+                .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                .await
+        {
+            tracing::debug!(error = %e, "cancel on shutdown");
+        }
+        tracker.close();
+        let in_flight = tracker.len();
+        if tokio::time::timeout(self.settings.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                unfinished = tracker.len(),
+                "grace period over; unfinished deliveries will be redelivered"
+            );
+        } else {
+            tracing::info!(in_flight, "in-flight deliveries finished");
+        }
+        if let Some((channel, _)) = last_channel {
+            let _ = channel.close(200, "shutdown".into()).await;
+        }
+        self.readiness.set("broker", false);
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> anyhow::Result<(lapin::Channel, lapin::Consumer, Settler)> {
+        let channel = self.broker.channel().await?;
+        channel
+            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let tag = format!("consumer-{}", uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                self.broker.topology().sync_queue().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let publisher = self.broker.publisher().await?;
+        let settler = Settler {
+            publisher,
+            metrics: self.metrics.clone(),
+            observer: self.observer.clone(),
+        };
+        Ok((channel, consumer, settler))
+    }
+}
+
+impl Settler {
+    async fn handle(&self, pipeline: &Pipeline, delivery: Delivery) {
+        let timer = self.metrics.processing.start_timer();
+        self.metrics.in_flight.inc();
+        let (outcome, event) = match decode_event(&delivery.data) {
+            Ok(event) => {
+                let span = tracing::info_span!(
+                    "event",
+                    workspace = %event.workspace_id,
+                    request = event.request.id,
+                    version = event.request.version,
+                    event_id = %event.event_id,
+                );
+                let outcome = pipeline.process(&event).instrument(span).await;
+                (outcome, Some(event))
+            }
+            Err(e) => (
+                Outcome::Park {
+                    reason: "undecodable".into(),
+                    error: e.to_string(),
+                },
+                None,
+            ),
+        };
+        self.settle(&delivery, &outcome, event.as_ref()).await;
+        self.metrics.in_flight.dec();
+        timer.observe_duration();
+    }
+
+    async fn settle(&self, delivery: &Delivery, outcome: &Outcome, event: Option<&RequestChanged>) {
+        let (label, reason) = outcome.labels();
+        let handed_on = match outcome {
+            Outcome::Synced { .. } => {
+                if let Some(event) = event {
+                    let age =
+                        (Utc::now() - event.occurred_at).num_milliseconds().max(0) as f64 / 1000.0;
+                    self.metrics
+                        .event_age
+                        .with_label_values(&[&event.workspace_id])
+                        .observe(age);
+                }
+                Ok(())
+            }
+            Outcome::Skipped(_) => Ok(()),
+            Outcome::Deferred { wait, .. } => {
+                self.publisher
+                    .defer(
+                        &delivery.data,
+                        &delivery.properties,
+                        delivery.routing_key.as_str(),
+                        *wait,
+                        None,
+                    )
+                    .await
+            }
+            Outcome::Retry { reason, error } => {
+                let failure = self.failure(delivery, FailureClass::Transient, reason, error);
+                self.publisher
+                    .dead_letter(&delivery.data, &delivery.properties, &failure)
+                    .await
+            }
+            Outcome::Park { reason, error } => {
+                let failure = self.failure(delivery, FailureClass::Permanent, reason, error);
+                self.publisher
+                    .park(&delivery.data, &delivery.properties, &failure)
+                    .await
+            }
+        };
+        match handed_on {
+            Ok(()) => {
+                self.metrics
+                    .events
+                    .with_label_values(&[label, &reason])
+                    .inc();
+                match outcome {
+                    Outcome::Synced { .. } | Outcome::Skipped(_) => {
+                        tracing::debug!(outcome = label, reason, "settled")
+                    }
+                    Outcome::Deferred { .. } | Outcome::Retry { .. } | Outcome::Park { .. } => {
+                        tracing::info!(outcome = label, reason, "handed on")
+                    }
+                }
+                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    // Redelivered later; the version guard makes that harmless.
+                    tracing::warn!(error = %e, "ack failed");
+                }
+                if let Some(observer) = &self.observer {
+                    // A gone observer (demo finished) is no reason to stop consuming.
+                    let _ = observer.send(Settled {
+                        workspace_id: event.map(|e| e.workspace_id.clone()),
+                        request_id: event.map(|e| e.request.id),
+                        version: event.map(|e| e.request.version),
+                        outcome: outcome.clone(),
+                    });
+                }
+            }
+            Err(e) => {
+                // Could not hand it on: keep it in the queue rather than lose it.
+                self.metrics
+                    .events
+                    .with_label_values(&["requeued", &reason])
+                    .inc();
+                tracing::warn!(error = %e, outcome = label, reason, "hand-off failed; requeueing");
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                if let Err(e) = delivery.nack(requeue).await {
+                    tracing::warn!(error = %e, "nack failed; the broker redelivers on reconnect");
+                }
+            }
+        }
+    }
+
+    fn failure(
+        &self,
+        delivery: &Delivery,
+        class: FailureClass,
+        reason: &str,
+        error: &str,
+    ) -> Failure {
+        Failure::for_delivery(
+            delivery.properties.headers().as_ref(),
+            delivery.exchange.as_str(),
+            delivery.routing_key.as_str(),
+            class,
+            reason,
+            error,
+            Utc::now(),
+        )
+    }
+}

@@ -1,0 +1,75 @@
+//! The command line: roles (long-running services) and tools (one-shot commands).
+
+mod integrations;
+mod roles;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use thena_runtime::{Config, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "thena-vitally",
+    version,
+    about = "Keeps Vitally in sync with Thena customer requests",
+    long_about = "Keeps Vitally in sync with Thena customer requests.\n\nConfiguration comes from \
+                  defaults, then the optional --config file (NAME=value lines), then the \
+                  environment. Run `thena-vitally config` to see every variable."
+)]
+pub struct Cli {
+    /// A file of NAME=value lines (same names as the environment variables).
+    #[arg(long, global = true, env = "THENA_VITALLY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume request-change events and upsert them into Vitally.
+    Consumer,
+    /// Serve the fake Vitally REST API (tests, demo, benchmarks).
+    FakeVitally(roles::FakeVitallyArgs),
+    /// Connect, inspect and change Vitally integrations (one per Slack workspace).
+    #[command(subcommand)]
+    Integrations(integrations::IntegrationsCommand),
+    /// Print every configuration variable with its current value (secrets redacted).
+    Config,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Consumer => {
+            telemetry::init_tracing(config.log_format, "info");
+            roles::consumer(config).await
+        }
+        Command::FakeVitally(args) => {
+            telemetry::init_tracing(config.log_format, "info");
+            roles::fake_vitally(config, args).await
+        }
+        Command::Integrations(command) => {
+            telemetry::init_tracing(config.log_format, "warn");
+            integrations::run(config, command).await
+        }
+        Command::Config => {
+            print_config();
+            Ok(())
+        }
+    }
+}
+
+fn print_config() {
+    for var in thena_runtime::config::VARIABLES {
+        let current = std::env::var(var.name).ok();
+        let shown = match (&current, var.secret) {
+            (Some(_), true) => "<set, redacted>".to_string(),
+            (Some(value), false) => value.clone(),
+            (None, _) => var
+                .default
+                .map_or("<unset>".to_string(), |d| format!("{d} (default)")),
+        };
+        println!("{:<24} {shown}\n{:<24} {}\n", var.name, "", var.help);
+    }
+}

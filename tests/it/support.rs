@@ -1,0 +1,215 @@
+//! The fleet under test: a fake Vitally seeded with the demo's customer base, this test's
+//! own RabbitMQ topology and Redis prefix, real consumers built exactly as the binary
+//! builds them, and helpers to publish events and read what happened.
+
+use std::time::Duration;
+
+use fake_vitally::{FakeConfig, FakeVitally, RunningFake};
+use prometheus::Registry;
+use secrecy::SecretString;
+use thena_broker::{Broker, Publisher};
+use thena_events::RequestChanged;
+use thena_runtime::{Config, ops::Readiness};
+use thena_testkit::{TestEnv, wait_until};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use vitally_client::{
+    client::VitallyHttp,
+    integrations::{Integration, IntegrationStore},
+    metrics::VitallyMetrics,
+    provision::{self, ConnectRequest},
+};
+
+pub const WS: &str = "T-ACME";
+
+pub struct Consumer {
+    pub registry: Registry,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Consumer {
+    /// Graceful stop (as on SIGTERM).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("consumer task")
+            .expect("consumer run");
+    }
+
+    /// An abrupt death: the task is dropped mid-work, its connection goes with it, and
+    /// RabbitMQ redelivers whatever it had not acked.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+pub struct Fleet {
+    pub env: TestEnv,
+    pub fake: RunningFake,
+    pub config: Config,
+    pub store: IntegrationStore,
+    pub publisher: Publisher,
+    pub broker: Broker,
+    consumers: Vec<Consumer>,
+    /// Registries of consumers that were stopped or killed, so their counts still add up.
+    retired: Vec<Registry>,
+}
+
+impl Fleet {
+    pub async fn start() -> Fleet {
+        Self::start_with(FakeConfig::default(), &[]).await
+    }
+
+    pub async fn start_with(fake_config: FakeConfig, overrides: &[(&'static str, &str)]) -> Fleet {
+        let env = TestEnv::new();
+        let fake = FakeVitally::spawn(fake_config).await.expect("fake vitally");
+        fake.seed(serde_json::from_value(thena_demo::customers::fixture()).unwrap())
+            .expect("seed");
+        let mut pairs: Vec<(&str, String)> = env.config_overrides();
+        pairs.extend(overrides.iter().map(|(k, v)| (*k, v.to_string())));
+        let borrowed: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let config = Config::defaults_with(&borrowed).expect("config");
+        let store = thena_sync::app::integration_store(&config)
+            .await
+            .expect("store");
+        let broker = Broker::connect(
+            config.amqp_url.clone(),
+            "test",
+            thena_sync::app::topology(&config),
+        )
+        .await
+        .expect("broker");
+        let publisher = broker.publisher().await.expect("publisher");
+        Fleet {
+            env,
+            fake,
+            config,
+            store,
+            publisher,
+            broker,
+            consumers: Vec::new(),
+            retired: Vec::new(),
+        }
+    }
+
+    /// Connects workspace `ws` to the fake (provisioning the object), like an admin would.
+    pub async fn connect(&self, ws: &str, tweak: impl FnOnce(&mut ConnectRequest)) -> Integration {
+        let mut request = ConnectRequest {
+            workspace_id: ws.to_string(),
+            api_url: self.fake.base_url(),
+            auth_header: SecretString::from(self.fake.auth_header()),
+            categories: vec!["Product".into()],
+            push_requests: true,
+            update_requests: true,
+            sync_threads: false,
+            auto_create_fields: false,
+            rate_budget_per_min: 1_000,
+        };
+        tweak(&mut request);
+        let http =
+            VitallyHttp::new(Duration::from_secs(5), VitallyMetrics::unregistered()).unwrap();
+        provision::connect(&http, &self.store, request)
+            .await
+            .expect("connect")
+    }
+
+    pub async fn spawn_consumer(&mut self) {
+        let registry = Registry::new();
+        let worker = thena_sync::app::build_worker(&self.config, &registry, Readiness::new())
+            .await
+            .expect("consumer");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(worker.run(shutdown.clone()));
+        self.consumers.push(Consumer {
+            registry,
+            shutdown,
+            task,
+        });
+    }
+
+    /// Takes the most recently started consumer out of the fleet (to stop or kill it).
+    pub fn take_consumer(&mut self) -> Consumer {
+        let consumer = self.consumers.pop().expect("a running consumer");
+        self.retired.push(consumer.registry.clone());
+        consumer
+    }
+
+    pub async fn publish(&self, event: &RequestChanged) {
+        self.publisher.publish_event(event).await.expect("publish");
+    }
+
+    pub async fn publish_raw(&self, body: &[u8]) {
+        let topology = self.broker.topology();
+        self.publisher
+            .publish_raw(
+                &topology.exchange(),
+                &thena_broker::Topology::routing_key(WS),
+                body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish raw");
+    }
+
+    fn registries(&self) -> impl Iterator<Item = &Registry> {
+        self.consumers
+            .iter()
+            .map(|c| &c.registry)
+            .chain(self.retired.iter())
+    }
+
+    /// Events counted by outcome (and reason, if given) across every consumer so far.
+    pub fn count(&self, outcome: &str, reason: Option<&str>) -> u64 {
+        self.registries()
+            .flat_map(|r| r.gather())
+            .filter(|family| family.name() == "thena_vitally_events_total")
+            .flat_map(|family| family.get_metric().to_vec())
+            .filter(|metric| {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                };
+                label("outcome").as_deref() == Some(outcome)
+                    && reason.is_none_or(|r| label("reason").as_deref() == Some(r))
+            })
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    /// Events settled for good (synced or skipped) across every consumer.
+    pub fn settled(&self) -> u64 {
+        self.count("synced", None) + self.count("skipped", None) + self.count("parked", None)
+    }
+
+    pub async fn wait_settled(&self, n: u64) {
+        wait_until(
+            &format!("{n} settled events"),
+            Duration::from_secs(20),
+            || async { (self.settled() >= n).then_some(()) },
+        )
+        .await;
+    }
+
+    pub fn instances_for(&self, ws: &str, request_id: u64) -> Vec<fake_vitally::Instance> {
+        let external_id = format!("thena:{ws}:{request_id}");
+        self.fake
+            .instances()
+            .into_iter()
+            .filter(|i| i.external_id == external_id)
+            .collect()
+    }
+
+    pub async fn stop(mut self) {
+        for consumer in self.consumers.drain(..) {
+            consumer.stop().await;
+        }
+        self.broker.close().await;
+        self.env.cleanup().await;
+    }
+}

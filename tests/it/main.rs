@@ -2,4 +2,5 @@
 //! project's fake Vitally over real HTTP, consumers built as the binary builds them.
 
 mod consumer;
+mod delivery;
 mod support;

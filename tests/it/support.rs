@@ -137,6 +137,25 @@ impl Fleet {
         consumer
     }
 
+    /// Starts the replayer role (dead letters → delay tiers or parked).
+    pub async fn spawn_replayer(&mut self) {
+        let registry = Registry::new();
+        let metrics = thena_replayer::ReplayerMetrics::register(&registry).expect("metrics");
+        let schedule = thena_replayer::RetrySchedule::for_topology(self.broker.topology());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(thena_replayer::run_replayer(
+            self.broker.clone(),
+            schedule,
+            metrics,
+            shutdown.clone(),
+        ));
+        self.consumers.push(Consumer {
+            registry,
+            shutdown,
+            task,
+        });
+    }
+
     pub async fn publish(&self, event: &RequestChanged) {
         self.publisher.publish_event(event).await.expect("publish");
     }

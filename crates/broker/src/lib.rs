@@ -1,1 +1,32 @@
-//! thena-broker
+//! The broker side every role shares: the RabbitMQ topology (one place that names and
+//! declares every exchange and queue), a reconnecting [`Broker`] handle, a
+//! [`Publisher`] that never reports success without a publisher confirm, and the
+//! failure headers ([`Failure`]) that travel with a message through retries.
+//!
+//! ```text
+//!  producer ──► {p}.requests (topic) ──request.#──► {p}.requests.sync (quorum, delivery limit)
+//!                    ▲                                   │ consumer: dead_letter / park / defer
+//!                    │ TTL expiry (keeps routing key)    │ RabbitMQ: delivery limit exceeded
+//!   {p}.requests.delay.{ms}ms (fanout ► classic, TTL)    ▼
+//!                    ▲                      {p}.requests.dlx (fanout) ──► {p}.requests.dead (quorum)
+//!                    └─────────── replayer: retry ◄──────────────────────────────┘
+//!                                 replayer: park ──► {p}.requests.parked (quorum, for humans)
+//! ```
+
+mod broker;
+mod failure;
+mod metrics;
+mod publisher;
+mod redact;
+mod topology;
+
+pub use broker::{Broker, BrokerError};
+pub use failure::{
+    DEAD_LETTERED_AT_HEADER, FAILURE_HEADERS, Failure, FailureClass, PARKED_AT_HEADER,
+    WORKSPACE_HEADER, header_str, strip_failure_headers,
+};
+pub use lapin;
+pub use metrics::BrokerMetrics;
+pub use publisher::{PublishError, Publisher, PublisherOptions};
+pub use redact::scrub_secrets;
+pub use topology::Topology;

@@ -91,7 +91,7 @@ pub const VARIABLES: &[Var] = &[
     ),
     var(
         "RATE_LIMIT_MAX_WAIT",
-        "2s",
+        "500ms",
         "Longest a consumer waits for an integration's budget before deferring the event",
     ),
     var(

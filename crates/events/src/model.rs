@@ -17,6 +17,7 @@ pub struct RequestChanged {
     pub schema: String,
     /// Unique per event; assigned by the producer when absent.
     #[serde(default = "Uuid::now_v7")]
+    #[schemars(skip_serializing_if = "no_schema_default")]
     pub event_id: Uuid,
     /// Slack workspace id: one workspace is one Vitally integration.
     pub workspace_id: String,
@@ -106,6 +107,11 @@ pub struct ThreadMessage {
     pub author: String,
     pub text: String,
     pub ts: DateTime<Utc>,
+}
+
+/// A generated id is no default: keep it out of the JSON Schema, which must be stable.
+fn no_schema_default(_: &Uuid) -> bool {
+    true
 }
 
 impl RequestChanged {

@@ -8,7 +8,9 @@ use uuid::Uuid;
 use crate::model::{Change, Request, RequestChanged, Requestor, SCHEMA_V1, ThreadMessage};
 
 fn at(secs: i64) -> DateTime<Utc> {
-    Utc.timestamp_opt(1_795_000_000 + secs, 0).single().expect("valid timestamp")
+    Utc.timestamp_opt(1_795_000_000 + secs, 0)
+        .single()
+        .expect("valid timestamp")
 }
 
 /// The blueprint's example event, every field filled: the golden mapping test pins it.
@@ -66,14 +68,23 @@ pub fn full_event() -> RequestChanged {
 }
 
 /// A minimal valid event for `workspace`/`request_id` at `version`, raised by `email`.
-pub fn event(workspace: &str, request_id: u64, version: u64, email: Option<&str>) -> RequestChanged {
+pub fn event(
+    workspace: &str,
+    request_id: u64,
+    version: u64,
+    email: Option<&str>,
+) -> RequestChanged {
     let now = Utc::now();
     RequestChanged {
         schema: SCHEMA_V1.to_string(),
         event_id: Uuid::now_v7(),
         workspace_id: workspace.into(),
         occurred_at: now,
-        change: if version <= 1 { Change::Created } else { Change::Metadata },
+        change: if version <= 1 {
+            Change::Created
+        } else {
+            Change::Metadata
+        },
         request: Request {
             id: request_id,
             version,

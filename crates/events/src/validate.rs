@@ -196,7 +196,9 @@ impl Validator<'_> {
     fn workspace_id(&mut self, value: Option<&Value>) {
         match value {
             None => self.push("workspace_id", "is required"),
-            Some(Value::String(s)) if s.is_empty() => self.push("workspace_id", "must not be empty"),
+            Some(Value::String(s)) if s.is_empty() => {
+                self.push("workspace_id", "must not be empty")
+            }
             Some(Value::String(s)) if s.len() > 64 => {
                 self.push("workspace_id", "must be at most 64 characters")
             }
@@ -286,10 +288,18 @@ impl Validator<'_> {
         self.unsigned("request.id", request.get("id"), true);
         self.unsigned("request.version", request.get("version"), false);
         for field in SHORT_STRINGS {
-            self.optional_string(&format!("request.{field}"), request.get(*field), limits.short_text);
+            self.optional_string(
+                &format!("request.{field}"),
+                request.get(*field),
+                limits.short_text,
+            );
         }
         for field in LONG_STRINGS {
-            self.optional_string(&format!("request.{field}"), request.get(*field), limits.long_text);
+            self.optional_string(
+                &format!("request.{field}"),
+                request.get(*field),
+                limits.long_text,
+            );
         }
         for field in LINKS {
             let path = format!("request.{field}");
@@ -339,17 +349,28 @@ impl Validator<'_> {
             return;
         };
         let Some(tags) = value.as_array() else {
-            self.push("request.ai_tags", format!("must be an array of strings, got {}", kind(value)));
+            self.push(
+                "request.ai_tags",
+                format!("must be an array of strings, got {}", kind(value)),
+            );
             return;
         };
         if tags.len() > self.limits.ai_tags {
             self.push(
                 "request.ai_tags",
-                format!("has {} tags, the limit is {}", tags.len(), self.limits.ai_tags),
+                format!(
+                    "has {} tags, the limit is {}",
+                    tags.len(),
+                    self.limits.ai_tags
+                ),
             );
         }
         for (i, tag) in tags.iter().enumerate() {
-            self.required_string(&format!("request.ai_tags[{i}]"), Some(tag), self.limits.short_text);
+            self.required_string(
+                &format!("request.ai_tags[{i}]"),
+                Some(tag),
+                self.limits.short_text,
+            );
         }
     }
 
@@ -358,7 +379,10 @@ impl Validator<'_> {
             return;
         };
         let Some(messages) = value.as_array() else {
-            self.push(path, format!("must be an array of messages, got {}", kind(value)));
+            self.push(
+                path,
+                format!("must be an array of messages, got {}", kind(value)),
+            );
             return;
         };
         if messages.len() > self.limits.thread_messages {
@@ -377,8 +401,16 @@ impl Validator<'_> {
                 continue;
             };
             self.unknown_fields(&at, message, THREAD_FIELDS);
-            self.required_string(&format!("{at}.author"), message.get("author"), self.limits.short_text);
-            self.required_string(&format!("{at}.text"), message.get("text"), self.limits.long_text);
+            self.required_string(
+                &format!("{at}.author"),
+                message.get("author"),
+                self.limits.short_text,
+            );
+            self.required_string(
+                &format!("{at}.text"),
+                message.get("text"),
+                self.limits.long_text,
+            );
             self.timestamp(&format!("{at}.ts"), message.get("ts"), true);
         }
     }
@@ -390,8 +422,13 @@ impl Validator<'_> {
         self.unknown_fields("request.requestor", requestor, REQUESTOR_FIELDS);
         let max = self.limits.short_text;
         self.optional_string("request.requestor.name", requestor.get("name"), max);
-        self.optional_string("request.requestor.slack_user_id", requestor.get("slack_user_id"), max);
-        if let Some(email) = self.optional_string("request.requestor.email", requestor.get("email"), 254)
+        self.optional_string(
+            "request.requestor.slack_user_id",
+            requestor.get("slack_user_id"),
+            max,
+        );
+        if let Some(email) =
+            self.optional_string("request.requestor.email", requestor.get("email"), 254)
             && let Err(why) = check_email(&email)
         {
             self.push("request.requestor.email", format!("{why}, got {email:?}"));

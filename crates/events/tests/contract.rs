@@ -1,5 +1,7 @@
 use serde_json::{Value, json};
-use thena_events::{Limits, SCHEMA_V1, decode_event, json_schema, parse_event, parse_value, sample};
+use thena_events::{
+    Limits, SCHEMA_V1, decode_event, json_schema, parse_event, parse_value, sample,
+};
 
 fn valid() -> Value {
     serde_json::to_value(sample::full_event()).unwrap()
@@ -50,34 +52,136 @@ fn optional_fields_may_be_absent() {
 fn each_bad_input_is_rejected_with_a_precise_message() {
     type Edit = Box<dyn FnOnce(&mut Value)>;
     let cases: Vec<(&str, Edit, &str)> = vec![
-        ("missing request id", Box::new(|e| { e["request"].as_object_mut().unwrap().remove("id"); }), "request.id: is required"),
-        ("zero request id", Box::new(|e| e["request"]["id"] = json!(0)), "request.id: must be a positive integer"),
-        ("negative version", Box::new(|e| e["request"]["version"] = json!(-3)), "request.version: must be a non-negative integer, got -3"),
-        ("missing version", Box::new(|e| { e["request"].as_object_mut().unwrap().remove("version"); }), "request.version: is required"),
-        ("missing workspace", Box::new(|e| { e.as_object_mut().unwrap().remove("workspace_id"); }), "workspace_id: is required"),
-        ("empty workspace", Box::new(|e| e["workspace_id"] = json!("")), "workspace_id: must not be empty"),
-        ("workspace with spaces", Box::new(|e| e["workspace_id"] = json!("T 1")), "workspace_id: may contain only ASCII letters, digits, '_' and '-'"),
-        ("unknown schema", Box::new(|e| e["schema"] = json!("thena.request.changed/v2")), "schema: unknown schema \"thena.request.changed/v2\""),
-        ("bad occurred_at", Box::new(|e| e["occurred_at"] = json!("yesterday")), "occurred_at: must be an RFC 3339 timestamp with a zone, got \"yesterday\""),
-        ("timestamp without zone", Box::new(|e| e["request"]["created_at"] = json!("2026-11-25T10:00:00")), "request.created_at: must be an RFC 3339 timestamp with a zone"),
-        ("numeric timestamp", Box::new(|e| e["request"]["updated_at"] = json!(1_700_000_000)), "request.updated_at: must be an RFC 3339 timestamp string, got a number"),
-        ("bad email", Box::new(|e| e["request"]["requestor"]["email"] = json!("harsh.thena.ai")), "request.requestor.email: must be an email address, got \"harsh.thena.ai\""),
-        ("email without domain dot", Box::new(|e| e["request"]["requestor"]["email"] = json!("harsh@localhost")), "request.requestor.email: must have a domain like example.com"),
-        ("unknown change", Box::new(|e| e["change"] = json!("deleted")), "change: must be one of \"created\", \"metadata\", \"thread\"; got \"deleted\""),
-        ("over-size title", Box::new(|e| e["request"]["title"] = json!("x".repeat(2_001))), "request.title: is 2001 characters long, the limit is 2000"),
-        ("over-size thread message", Box::new(|e| e["request"]["customer_thread"][1]["text"] = json!("y".repeat(100_001))), "request.customer_thread[1].text: is 100001 characters long, the limit is 100000"),
-        ("unknown field", Box::new(|e| e["request"]["priority"] = json!("p1")), "request.priority: unknown field"),
-        ("tags not strings", Box::new(|e| e["request"]["ai_tags"] = json!(["ok", 3])), "request.ai_tags[1]: must be a string, got a number"),
-        ("custom field not a string", Box::new(|e| e["request"]["custom_fields"]["Product"] = json!({"a": 1})), "request.custom_fields.Product: must be a string, got an object"),
-        ("link not a URL", Box::new(|e| e["request"]["permalink"] = json!("slack://x")), "request.permalink: must be an http(s) URL, got \"slack://x\""),
-        ("closed before created", Box::new(|e| e["request"]["closed_at"] = json!("2020-01-01T00:00:00Z")), "request.closed_at: is earlier than request.created_at"),
-        ("bad event id", Box::new(|e| e["event_id"] = json!("nope")), "event_id: must be a UUID string when present"),
-        ("request not an object", Box::new(|e| e["request"] = json!([1])), "request: must be an object, got an array"),
+        (
+            "missing request id",
+            Box::new(|e| {
+                e["request"].as_object_mut().unwrap().remove("id");
+            }),
+            "request.id: is required",
+        ),
+        (
+            "zero request id",
+            Box::new(|e| e["request"]["id"] = json!(0)),
+            "request.id: must be a positive integer",
+        ),
+        (
+            "negative version",
+            Box::new(|e| e["request"]["version"] = json!(-3)),
+            "request.version: must be a non-negative integer, got -3",
+        ),
+        (
+            "missing version",
+            Box::new(|e| {
+                e["request"].as_object_mut().unwrap().remove("version");
+            }),
+            "request.version: is required",
+        ),
+        (
+            "missing workspace",
+            Box::new(|e| {
+                e.as_object_mut().unwrap().remove("workspace_id");
+            }),
+            "workspace_id: is required",
+        ),
+        (
+            "empty workspace",
+            Box::new(|e| e["workspace_id"] = json!("")),
+            "workspace_id: must not be empty",
+        ),
+        (
+            "workspace with spaces",
+            Box::new(|e| e["workspace_id"] = json!("T 1")),
+            "workspace_id: may contain only ASCII letters, digits, '_' and '-'",
+        ),
+        (
+            "unknown schema",
+            Box::new(|e| e["schema"] = json!("thena.request.changed/v2")),
+            "schema: unknown schema \"thena.request.changed/v2\"",
+        ),
+        (
+            "bad occurred_at",
+            Box::new(|e| e["occurred_at"] = json!("yesterday")),
+            "occurred_at: must be an RFC 3339 timestamp with a zone, got \"yesterday\"",
+        ),
+        (
+            "timestamp without zone",
+            Box::new(|e| e["request"]["created_at"] = json!("2026-11-25T10:00:00")),
+            "request.created_at: must be an RFC 3339 timestamp with a zone",
+        ),
+        (
+            "numeric timestamp",
+            Box::new(|e| e["request"]["updated_at"] = json!(1_700_000_000)),
+            "request.updated_at: must be an RFC 3339 timestamp string, got a number",
+        ),
+        (
+            "bad email",
+            Box::new(|e| e["request"]["requestor"]["email"] = json!("harsh.thena.ai")),
+            "request.requestor.email: must be an email address, got \"harsh.thena.ai\"",
+        ),
+        (
+            "email without domain dot",
+            Box::new(|e| e["request"]["requestor"]["email"] = json!("harsh@localhost")),
+            "request.requestor.email: must have a domain like example.com",
+        ),
+        (
+            "unknown change",
+            Box::new(|e| e["change"] = json!("deleted")),
+            "change: must be one of \"created\", \"metadata\", \"thread\"; got \"deleted\"",
+        ),
+        (
+            "over-size title",
+            Box::new(|e| e["request"]["title"] = json!("x".repeat(2_001))),
+            "request.title: is 2001 characters long, the limit is 2000",
+        ),
+        (
+            "over-size thread message",
+            Box::new(|e| e["request"]["customer_thread"][1]["text"] = json!("y".repeat(100_001))),
+            "request.customer_thread[1].text: is 100001 characters long, the limit is 100000",
+        ),
+        (
+            "unknown field",
+            Box::new(|e| e["request"]["priority"] = json!("p1")),
+            "request.priority: unknown field",
+        ),
+        (
+            "tags not strings",
+            Box::new(|e| e["request"]["ai_tags"] = json!(["ok", 3])),
+            "request.ai_tags[1]: must be a string, got a number",
+        ),
+        (
+            "custom field not a string",
+            Box::new(|e| e["request"]["custom_fields"]["Product"] = json!({"a": 1})),
+            "request.custom_fields.Product: must be a string, got an object",
+        ),
+        (
+            "link not a URL",
+            Box::new(|e| e["request"]["permalink"] = json!("slack://x")),
+            "request.permalink: must be an http(s) URL, got \"slack://x\"",
+        ),
+        (
+            "closed before created",
+            Box::new(|e| e["request"]["closed_at"] = json!("2020-01-01T00:00:00Z")),
+            "request.closed_at: is earlier than request.created_at",
+        ),
+        (
+            "bad event id",
+            Box::new(|e| e["event_id"] = json!("nope")),
+            "event_id: must be a UUID string when present",
+        ),
+        (
+            "request not an object",
+            Box::new(|e| e["request"] = json!([1])),
+            "request: must be an object, got an array",
+        ),
     ];
     let total = cases.len();
     for (name, edit, expected) in cases {
         let problems = problems_after(edit);
-        assert_eq!(problems.len(), 1, "{name}: expected exactly one problem, got {problems:?}");
+        assert_eq!(
+            problems.len(),
+            1,
+            "{name}: expected exactly one problem, got {problems:?}"
+        );
         assert!(
             problems[0].starts_with(expected),
             "{name}: expected {expected:?}, got {:?}",
@@ -95,8 +199,19 @@ fn every_problem_is_reported_at_once() {
         e["request"]["id"] = json!("135");
         e["request"]["requestor"]["email"] = json!("not an email");
     });
-    let paths: Vec<&str> = problems.iter().map(|p| p.split(':').next().unwrap()).collect();
-    assert_eq!(paths, ["schema", "workspace_id", "request.id", "request.requestor.email"]);
+    let paths: Vec<&str> = problems
+        .iter()
+        .map(|p| p.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "schema",
+            "workspace_id",
+            "request.id",
+            "request.requestor.email"
+        ]
+    );
 }
 
 #[test]
@@ -105,7 +220,10 @@ fn a_body_that_is_not_json_names_the_whole_body() {
     assert_eq!(err.problems[0].path, "$");
     assert!(err.problems[0].message.starts_with("not valid JSON"));
     let err = parse_event(b"[]", &Limits::default()).unwrap_err();
-    assert_eq!(err.to_string(), "invalid event: $: must be an object, got an array");
+    assert_eq!(
+        err.to_string(),
+        "invalid event: $: must be an object, got an array"
+    );
 }
 
 #[test]

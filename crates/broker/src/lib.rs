@@ -22,11 +22,13 @@ mod topology;
 
 pub use broker::{Broker, BrokerError};
 pub use failure::{
-    DEAD_LETTERED_AT_HEADER, FAILURE_HEADERS, Failure, FailureClass, PARKED_AT_HEADER,
+    ATTEMPTS_HEADER, CLASS_HEADER, DEAD_LETTERED_AT_HEADER, FAILURE_HEADERS, FIRST_FAILURE_HEADER,
+    Failure, FailureClass, LAST_ERROR_HEADER, ORIGINAL_EXCHANGE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER, PARKED_AT_HEADER, REASON_HEADER, RETRY_AT_HEADER,
     WORKSPACE_HEADER, header_str, strip_failure_headers,
 };
 pub use lapin;
-pub use metrics::BrokerMetrics;
+pub use metrics::{BrokerMetrics, QUEUE_LABELS};
 pub use publisher::{PublishError, Publisher, PublisherOptions};
 pub use redact::scrub_secrets;
-pub use topology::Topology;
+pub use topology::{DEFAULT_DELAY_TIERS, Topology};

@@ -1,0 +1,39 @@
+//! Queue depth gauges, filled by whoever polls the broker (the replayer).
+
+use prometheus::{Gauge, IntGaugeVec, Opts, Registry};
+
+/// `queue` label values of [`BrokerMetrics::queue_messages`].
+pub const QUEUE_LABELS: [&str; 4] = ["sync", "dead", "parked", "delay"];
+
+#[derive(Clone, Debug)]
+pub struct BrokerMetrics {
+    /// `thena_vitally_queue_messages{queue="sync|dead|parked|delay"}` (delay: all tiers).
+    pub queue_messages: IntGaugeVec,
+    /// `thena_vitally_parked_oldest_age_seconds`: 0 when nothing is parked.
+    pub parked_oldest_age_seconds: Gauge,
+}
+
+impl BrokerMetrics {
+    pub fn register(registry: &Registry) -> Result<BrokerMetrics, prometheus::Error> {
+        let queue_messages = IntGaugeVec::new(
+            Opts::new(
+                "thena_vitally_queue_messages",
+                "Messages ready in each queue (delay: all tiers together).",
+            ),
+            &["queue"],
+        )?;
+        let parked_oldest_age_seconds = Gauge::with_opts(Opts::new(
+            "thena_vitally_parked_oldest_age_seconds",
+            "Age of the oldest parked message (since it was parked), 0 when none.",
+        ))?;
+        registry.register(Box::new(queue_messages.clone()))?;
+        registry.register(Box::new(parked_oldest_age_seconds.clone()))?;
+        for queue in QUEUE_LABELS {
+            queue_messages.with_label_values(&[queue]).set(0);
+        }
+        Ok(BrokerMetrics {
+            queue_messages,
+            parked_oldest_age_seconds,
+        })
+    }
+}

@@ -1,0 +1,298 @@
+//! Names and declares every exchange and queue. All roles call [`Topology::declare`] at
+//! start; it is idempotent as long as the settings (delivery limit, tiers) are unchanged.
+
+use std::time::Duration;
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{
+        ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+
+/// Default backoff tiers: every one under five minutes, so that once a fault ends every
+/// event it hit is retried within one tier (≤ 4 min).
+pub const DEFAULT_DELAY_TIERS: [Duration; 5] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+    Duration::from_secs(240),
+];
+
+/// Used only when someone configures an empty tier list.
+const FALLBACK_TIER: Duration = Duration::from_secs(1);
+
+/// The fleet's RabbitMQ layout, derived from one name prefix (`thena` in production, a
+/// unique prefix per test).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    pub prefix: String,
+    /// Deliveries of one message to the sync queue before RabbitMQ dead-letters it as poison.
+    pub delivery_limit: u32,
+    /// Delay queue TTLs, ascending.
+    pub delay_tiers: Vec<Duration>,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topology {
+            prefix: prefix.into(),
+            delivery_limit: 5,
+            delay_tiers: DEFAULT_DELAY_TIERS.to_vec(),
+        }
+    }
+
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = limit;
+        self
+    }
+
+    pub fn with_delay_tiers(mut self, tiers: Vec<Duration>) -> Self {
+        self.delay_tiers = tiers;
+        self
+    }
+
+    /// Topic exchange the producer publishes to.
+    pub fn exchange(&self) -> String {
+        format!("{}.requests", self.prefix)
+    }
+
+    /// The work queue consumers read.
+    pub fn sync_queue(&self) -> String {
+        format!("{}.requests.sync", self.prefix)
+    }
+
+    /// Fanout exchange for failed messages (explicit dead letters and delivery-limit poison).
+    pub fn dlx(&self) -> String {
+        format!("{}.requests.dlx", self.prefix)
+    }
+
+    /// Queue behind [`Self::dlx`], consumed by the replayer.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.requests.dead", self.prefix)
+    }
+
+    /// Messages that will not be retried automatically; for humans (`dlq` CLI).
+    pub fn parked_queue(&self) -> String {
+        format!("{}.requests.parked", self.prefix)
+    }
+
+    /// Name of a delay tier's queue and of the fanout exchange in front of it.
+    pub fn delay_queue(&self, tier: usize) -> String {
+        format!(
+            "{}.requests.delay.{}ms",
+            self.prefix,
+            self.tier_delay(tier).as_millis()
+        )
+    }
+
+    /// All delay queue names, shortest tier first.
+    pub fn delay_queues(&self) -> Vec<String> {
+        (0..self.delay_tiers.len().max(1))
+            .map(|tier| self.delay_queue(tier))
+            .collect()
+    }
+
+    /// The TTL of a tier (an index past the end means the largest tier).
+    pub fn tier_delay(&self, tier: usize) -> Duration {
+        match self.delay_tiers.len() {
+            0 => FALLBACK_TIER,
+            len => self.delay_tiers[tier.min(len - 1)],
+        }
+    }
+
+    pub fn routing_key(workspace_id: &str) -> String {
+        format!("request.{workspace_id}")
+    }
+
+    /// The smallest tier that waits at least `wait`, else the largest tier (the message
+    /// comes back early and is deferred again).
+    pub fn tier_for(&self, wait: Duration) -> usize {
+        self.delay_tiers
+            .iter()
+            .position(|tier| *tier >= wait)
+            .unwrap_or(self.delay_tiers.len().saturating_sub(1))
+    }
+
+    /// Declares every exchange, queue and binding. Idempotent.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.exchange().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.dlx().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+
+        let mut sync_args = quorum_args();
+        sync_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        sync_args.insert("x-dead-letter-exchange".into(), long_string(&self.dlx()));
+        // At-least-once dead-lettering: a poison message is not dropped if the DLX target
+        // is briefly unavailable. RabbitMQ requires reject-publish overflow for it.
+        sync_args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
+        sync_args.insert("x-overflow".into(), long_string("reject-publish"));
+        declare_queue(channel, &self.sync_queue(), sync_args).await?;
+        bind(channel, &self.sync_queue(), &self.exchange(), "request.#").await?;
+
+        declare_queue(channel, &self.dead_queue(), quorum_args()).await?;
+        bind(channel, &self.dead_queue(), &self.dlx(), "").await?;
+
+        declare_queue(channel, &self.parked_queue(), quorum_args()).await?;
+
+        for tier in 0..self.delay_tiers.len().max(1) {
+            let name = self.delay_queue(tier);
+            channel
+                .exchange_declare(
+                    name.as_str().into(),
+                    ExchangeKind::Fanout,
+                    durable,
+                    FieldTable::default(),
+                )
+                .await?;
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long_string("classic"));
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(
+                    i64::try_from(self.tier_delay(tier).as_millis()).unwrap_or(i64::MAX),
+                ),
+            );
+            // No x-dead-letter-routing-key: an expired message keeps its original
+            // routing key and lands back on the sync queue of its workspace.
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                long_string(&self.exchange()),
+            );
+            declare_queue(channel, &name, args).await?;
+            bind(channel, &name, &name, "").await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes everything [`Self::declare`] created (tests clean up with it).
+    pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let mut queues = vec![self.sync_queue(), self.dead_queue(), self.parked_queue()];
+        queues.extend(self.delay_queues());
+        for queue in &queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        let mut exchanges = vec![self.exchange(), self.dlx()];
+        exchanges.extend(self.delay_queues());
+        for exchange in &exchanges {
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    args
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    args: FieldTable,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            ShortString::from(name),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map(|_| ())
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), lapin::Error> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_derive_from_the_prefix() {
+        let t = Topology::new("thena");
+        assert_eq!(t.exchange(), "thena.requests");
+        assert_eq!(t.sync_queue(), "thena.requests.sync");
+        assert_eq!(t.dlx(), "thena.requests.dlx");
+        assert_eq!(t.dead_queue(), "thena.requests.dead");
+        assert_eq!(t.parked_queue(), "thena.requests.parked");
+        assert_eq!(t.delay_queue(0), "thena.requests.delay.1000ms");
+        assert_eq!(t.delay_queue(4), "thena.requests.delay.240000ms");
+        assert_eq!(Topology::routing_key("T1"), "request.T1");
+        assert_eq!(t.delivery_limit, 5);
+    }
+
+    #[test]
+    fn tier_for_picks_the_smallest_tier_that_waits_long_enough() {
+        let t = Topology::new("x");
+        assert_eq!(t.tier_for(Duration::ZERO), 0);
+        assert_eq!(t.tier_for(Duration::from_secs(1)), 0);
+        assert_eq!(t.tier_for(Duration::from_millis(1001)), 1);
+        assert_eq!(t.tier_for(Duration::from_secs(30)), 2);
+        assert_eq!(t.tier_for(Duration::from_secs(31)), 3);
+        assert_eq!(t.tier_for(Duration::from_secs(240)), 4);
+        assert_eq!(t.tier_for(Duration::from_secs(3600)), 4);
+    }
+
+    #[test]
+    fn an_empty_tier_list_still_names_one_delay_queue() {
+        let t = Topology::new("x").with_delay_tiers(vec![]);
+        assert_eq!(t.tier_for(Duration::from_secs(9)), 0);
+        assert_eq!(
+            t.delay_queues(),
+            vec!["x.requests.delay.1000ms".to_string()]
+        );
+    }
+}

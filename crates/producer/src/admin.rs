@@ -1,0 +1,316 @@
+//! The integration admin API: connect a workspace to Vitally, read (redacted), change
+//! toggles, disconnect. The Vitally auth header goes in, never out.
+
+use axum::{
+    Json,
+    extract::{Path, State, rejection::JsonRejection},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use vitally_client::{
+    error::ErrorClass,
+    integrations::StoreError,
+    provision::{self, ConnectError, ConnectRequest, Toggles},
+};
+
+use crate::{
+    app::AppState,
+    error::{ApiError, bad_json},
+};
+
+/// Default Vitally budget of a new integration: well under the 1000/min a key allows,
+/// since the customer's other tools share that key.
+pub(crate) const DEFAULT_RATE_BUDGET_PER_MIN: u32 = 600;
+
+/// `POST /v1/integrations`. `Debug` (derived through `SecretString`) redacts the header.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConnectBody {
+    workspace_id: String,
+    api_url: String,
+    auth_header: SecretString,
+    #[serde(default)]
+    categories: Vec<String>,
+    /// The product's setup asks to enable both; they default on.
+    #[serde(default = "on")]
+    push_requests: bool,
+    #[serde(default = "on")]
+    update_requests: bool,
+    #[serde(default)]
+    sync_threads: bool,
+    #[serde(default)]
+    auto_create_fields: bool,
+    #[serde(default = "default_budget")]
+    rate_budget_per_min: u32,
+}
+
+fn on() -> bool {
+    true
+}
+
+fn default_budget() -> u32 {
+    DEFAULT_RATE_BUDGET_PER_MIN
+}
+
+impl From<ConnectBody> for ConnectRequest {
+    fn from(body: ConnectBody) -> Self {
+        ConnectRequest {
+            workspace_id: body.workspace_id,
+            api_url: body.api_url,
+            auth_header: body.auth_header,
+            categories: body.categories,
+            push_requests: body.push_requests,
+            update_requests: body.update_requests,
+            sync_threads: body.sync_threads,
+            auto_create_fields: body.auto_create_fields,
+            rate_budget_per_min: body.rate_budget_per_min,
+        }
+    }
+}
+
+/// `PATCH /v1/integrations/{workspace_id}`: absent fields stay as they are.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TogglesBody {
+    push_requests: Option<bool>,
+    update_requests: Option<bool>,
+    sync_threads: Option<bool>,
+    auto_create_fields: Option<bool>,
+    rate_budget_per_min: Option<u32>,
+}
+
+impl From<TogglesBody> for Toggles {
+    fn from(body: TogglesBody) -> Self {
+        Toggles {
+            push_requests: body.push_requests,
+            update_requests: body.update_requests,
+            sync_threads: body.sync_threads,
+            auto_create_fields: body.auto_create_fields,
+            rate_budget_per_min: body.rate_budget_per_min,
+        }
+    }
+}
+
+pub(crate) async fn connect(
+    State(state): State<AppState>,
+    body: Result<Json<ConnectBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| bad_json(&e))?;
+    let workspace_id = body.workspace_id.clone();
+    let existed = state
+        .integrations()
+        .get(&workspace_id)
+        .await
+        .map_err(|e| store_error(&e))?
+        .is_some();
+    let integration = provision::connect(state.vitally(), state.integrations(), body.into())
+        .await
+        .map_err(|e| connect_error(&e))?;
+    tracing::info!(workspace_id = %workspace_id, reconnect = existed, "integration connected");
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let mut response = (status, Json(integration.redacted())).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/integrations/{workspace_id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let integrations = state
+        .integrations()
+        .list()
+        .await
+        .map_err(|e| store_error(&e))?;
+    let redacted: Vec<Value> = integrations.iter().map(|i| i.redacted()).collect();
+    Ok(Json(json!({ "integrations": redacted })))
+}
+
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    Path(workspace_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match state
+        .integrations()
+        .get(&workspace_id)
+        .await
+        .map_err(|e| store_error(&e))?
+    {
+        Some(integration) => Ok(Json(integration.redacted())),
+        None => Err(not_connected(&workspace_id)),
+    }
+}
+
+pub(crate) async fn patch_toggles(
+    State(state): State<AppState>,
+    Path(workspace_id): Path<String>,
+    body: Result<Json<TogglesBody>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(body) = body.map_err(|e| bad_json(&e))?;
+    let integration = provision::set_toggles(state.integrations(), &workspace_id, body.into())
+        .await
+        .map_err(|e| connect_error(&e))?;
+    tracing::info!(workspace_id = %workspace_id, "integration toggles changed");
+    Ok(Json(integration.redacted()))
+}
+
+pub(crate) async fn disconnect(
+    State(state): State<AppState>,
+    Path(workspace_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let removed = provision::disconnect(state.integrations(), &workspace_id)
+        .await
+        .map_err(|e| connect_error(&e))?;
+    if removed {
+        tracing::info!(workspace_id = %workspace_id, "integration disconnected");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(not_connected(&workspace_id))
+    }
+}
+
+fn not_connected(workspace_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("workspace {workspace_id} is not connected"),
+    )
+}
+
+/// Every connect/toggle failure, classified once: the operator's input (422), Vitally
+/// (502, or 503 while rate limited), our store (503/500), or an unknown workspace (404).
+/// The messages carry no credential: `ConnectError` never holds the header's value.
+fn connect_error(error: &ConnectError) -> ApiError {
+    let message = error.to_string();
+    match error {
+        ConnectError::InvalidUrl(_)
+        | ConnectError::InvalidAuthHeader(_)
+        | ConnectError::InvalidSetting(_)
+        | ConnectError::UnsupportedFieldType { .. } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+        }
+        ConnectError::Unauthorized { status } => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message).with("vitally_status", *status)
+        }
+        ConnectError::NotConnected(_) => ApiError::new(StatusCode::NOT_FOUND, message),
+        ConnectError::Unreachable { .. } | ConnectError::Provisioning { .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, message)
+        }
+        ConnectError::Vitally(e) => match e.class() {
+            ErrorClass::RateLimited { reset } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("Vitally rate limit reached: {message}"),
+            )
+            .retry_after_secs(reset.as_secs_f64().ceil() as u64),
+            ErrorClass::Transient | ErrorClass::Permanent => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("Vitally failed: {message}"),
+            ),
+        },
+        ConnectError::Store(e) => store_error(e),
+    }
+}
+
+/// Store details (Redis errors) are logged, not returned: they describe our insides.
+fn store_error(error: &StoreError) -> ApiError {
+    tracing::error!(error = %error, "integration store failed");
+    match error {
+        StoreError::Redis(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "integration store unavailable",
+        )
+        .retry_later(),
+        StoreError::Corrupt { .. } | StoreError::Cipher { .. } => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "integration record unreadable; reconnect the workspace",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vitally_client::error::{ErrorKind, VitallyError};
+
+    use super::*;
+
+    fn status(error: ConnectError) -> StatusCode {
+        connect_error(&error).into_response().status()
+    }
+
+    #[test]
+    fn operator_mistakes_are_422_and_vitally_trouble_is_502() {
+        assert_eq!(
+            status(ConnectError::InvalidUrl("x".into())),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status(ConnectError::InvalidAuthHeader("it is empty")),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status(ConnectError::InvalidSetting("x".into())),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status(ConnectError::Unauthorized { status: 401 }),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status(ConnectError::NotConnected("T1".into())),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(ConnectError::Unreachable {
+                url: "http://x".into(),
+                reason: "refused".into()
+            }),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            status(ConnectError::Provisioning {
+                object: "o".into(),
+                labels: vec![]
+            }),
+            StatusCode::BAD_GATEWAY
+        );
+        let server_error = VitallyError::new("customObjects.list", ErrorKind::Status(500), "oops");
+        assert_eq!(
+            status(ConnectError::Vitally(server_error)),
+            StatusCode::BAD_GATEWAY
+        );
+    }
+
+    #[test]
+    fn a_vitally_rate_limit_asks_to_retry_after_its_reset() {
+        let limited = VitallyError::new("customObjects.list", ErrorKind::Status(429), "slow down")
+            .with_reset(Some(std::time::Duration::from_millis(12_300)));
+        let response = connect_error(&ConnectError::Vitally(limited)).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "13");
+    }
+
+    #[test]
+    fn connect_bodies_default_the_toggles_and_hide_the_header() {
+        let body: ConnectBody = serde_json::from_value(json!({
+            "workspace_id": "T1",
+            "api_url": "https://acme.rest.vitally.io",
+            "auth_header": "Basic c2VjcmV0LWtleTo="
+        }))
+        .unwrap();
+        assert!(!format!("{body:?}").contains("c2VjcmV0LWtleTo"));
+        let request = ConnectRequest::from(body);
+        assert!(request.push_requests && request.update_requests);
+        assert!(!request.sync_threads && !request.auto_create_fields);
+        assert_eq!(request.rate_budget_per_min, DEFAULT_RATE_BUDGET_PER_MIN);
+
+        let unknown = serde_json::from_value::<ConnectBody>(json!({
+            "workspace_id": "T1", "api_url": "x", "auth_header": "y", "push": true
+        }));
+        assert!(unknown.is_err());
+    }
+}

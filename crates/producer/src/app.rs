@@ -1,0 +1,171 @@
+use std::{io, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, State},
+    http::{StatusCode, header},
+    middleware,
+    response::IntoResponse,
+    routing::{get, post},
+};
+use thena_broker::{Broker, Publisher};
+use thena_events::Limits;
+use thena_runtime::ops::Readiness;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use vitally_client::{client::VitallyHttp, integrations::IntegrationStore};
+
+use crate::{
+    OPENAPI_JSON, admin, auth, config::ProducerConfig, error, ingest, metrics::IngestMetrics,
+};
+
+/// How often the "broker" readiness check is refreshed.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The I/O handles the producer uses; built by the caller (the binary or a test).
+pub struct AppDeps {
+    pub broker: Broker,
+    pub publisher: Publisher,
+    pub integrations: IntegrationStore,
+    pub vitally: VitallyHttp,
+    pub readiness: Readiness,
+}
+
+/// Shared by every request: cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ProducerConfig,
+    deps: AppDeps,
+    metrics: IngestMetrics,
+    limits: Limits,
+}
+
+impl AppState {
+    pub fn new(config: ProducerConfig, deps: AppDeps, metrics: IngestMetrics) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                deps,
+                metrics,
+                limits: Limits::default(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &ProducerConfig {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &IngestMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn readiness(&self) -> &Readiness {
+        &self.inner.deps.readiness
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub(crate) fn publisher(&self) -> &Publisher {
+        &self.inner.deps.publisher
+    }
+
+    pub(crate) fn broker(&self) -> &Broker {
+        &self.inner.deps.broker
+    }
+
+    pub(crate) fn integrations(&self) -> &IntegrationStore {
+        &self.inner.deps.integrations
+    }
+
+    pub(crate) fn vitally(&self) -> &VitallyHttp {
+        &self.inner.deps.vitally
+    }
+}
+
+/// The whole producer API: ingest and admin behind the bearer token; health probes and
+/// the OpenAPI document open.
+pub fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .route("/v1/events", post(ingest::post_events))
+        .route("/v1/integrations", post(admin::connect).get(admin::list))
+        .route(
+            "/v1/integrations/{workspace_id}",
+            get(admin::get_one)
+                .patch(admin::patch_toggles)
+                .delete(admin::disconnect),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .merge(protected)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .fallback(error::no_route)
+        .layer(DefaultBodyLimit::max(state.config().body_limit))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let status = if state.readiness().is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(state.readiness().report()))
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON)
+}
+
+/// Serves the API on `listener` until `shutdown`; in-flight requests (and their broker
+/// confirms) finish before this returns. Keeps the "broker" readiness check current.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    state
+        .config()
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // A child token: stopping the watcher must not cancel the caller's other tasks.
+    let watching = shutdown.child_token();
+    let watcher = tokio::spawn(watch_broker(state.clone(), watching.clone()));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "producer API listening");
+    }
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    // The server can also stop on an accept error: the watcher must not outlive it.
+    watching.cancel();
+    if let Err(e) = watcher.await {
+        tracing::warn!(error = %e, "readiness watcher ended abnormally");
+    }
+    served
+}
+
+async fn watch_broker(state: AppState, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(READINESS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let healthy = state.broker().is_healthy().await;
+                state.readiness().set("broker", healthy);
+            }
+        }
+    }
+}

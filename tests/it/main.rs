@@ -3,4 +3,5 @@
 
 mod consumer;
 mod delivery;
+mod manifests;
 mod support;

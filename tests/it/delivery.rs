@@ -1,7 +1,7 @@
 //! Delivery guarantees end to end: transient faults delay events but lose none, 429s do
 //! not count as attempts, permanent failures wait parked for a human and replay once.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use fake_vitally::{Fault, FaultKind};
 use thena_events::sample;
@@ -10,10 +10,18 @@ use thena_testkit::wait_until;
 
 use crate::support::{Fleet, WS};
 
-async fn all_synced_once(fleet: &Fleet, ids: impl Iterator<Item = u64> + Clone, deadline: Duration) {
+async fn all_synced_once(
+    fleet: &Fleet,
+    ids: impl Iterator<Item = u64> + Clone,
+    deadline: Duration,
+) {
     wait_until("every request synced", deadline, || {
         let ids = ids.clone();
-        async move { ids.into_iter().all(|id| fleet.instances_for(WS, id).len() == 1).then_some(()) }
+        async move {
+            ids.into_iter()
+                .all(|id| fleet.instances_for(WS, id).len() == 1)
+                .then_some(())
+        }
     })
     .await;
 }
@@ -25,32 +33,46 @@ async fn a_vitally_outage_delays_events_but_delivers_every_one_exactly_once() {
     fleet.spawn_consumer().await;
     fleet.spawn_replayer().await;
     let outage = Duration::from_secs(2);
-    fleet.fake.inject(Fault::Outage { duration: outage, status: 503 });
+    fleet.fake.inject(Fault::Outage {
+        duration: outage,
+        status: 503,
+    });
     let started = std::time::Instant::now();
     let ids = 300..320u64;
-    let mut sent = BTreeMap::new();
     for id in ids.clone() {
-        let event = sample::event(WS, id, 1, Some("alice@acme.com"));
-        sent.insert(id, event.occurred_at);
-        fleet.publish(&event).await;
+        fleet
+            .publish(&sample::event(WS, id, 1, Some("alice@acme.com")))
+            .await;
     }
     all_synced_once(&fleet, ids.clone(), Duration::from_secs(30)).await;
-    assert!(started.elapsed() >= outage, "nothing could sync during the outage");
+    assert!(
+        started.elapsed() >= outage,
+        "nothing could sync during the outage"
+    );
 
     println!("request  delay (occurred → instance created; outage {outage:?})");
     for id in ids.clone() {
         let instance = &fleet.instances_for(WS, id)[0];
-        let delay = instance.created_at - sent[&id];
+        let delay = instance.created_at - fleet.published_at(WS, id);
         println!("{id:>7}  {:>6} ms", delay.num_milliseconds());
     }
-    assert!(fleet.count("retried", None) >= 1, "the outage caused retries");
-    assert_eq!(fleet.count("parked", None), 0, "a transient fault parks nothing");
+    assert!(
+        fleet.count("retried", None) >= 1,
+        "the outage caused retries"
+    );
+    assert_eq!(
+        fleet.count("parked", None),
+        0,
+        "a transient fault parks nothing"
+    );
     let parked = fleet.env.topology.parked_queue();
     assert_eq!(fleet.env.queue_depth(&parked).await.unwrap(), 0);
     let dead = fleet.env.topology.dead_queue();
-    wait_until("the dead-letter queue to drain", Duration::from_secs(10), || async {
-        (fleet.env.queue_depth(&dead).await.ok()? == 0).then_some(())
-    })
+    wait_until(
+        "the dead-letter queue to drain",
+        Duration::from_secs(10),
+        || async { (fleet.env.queue_depth(&dead).await.ok()? == 0).then_some(()) },
+    )
     .await;
     fleet.stop().await;
 }
@@ -69,11 +91,17 @@ async fn a_429_storm_loses_nothing_and_counts_no_failed_attempt() {
     });
     let ids = 400..415u64;
     for id in ids.clone() {
-        fleet.publish(&sample::event(WS, id, 1, Some("alice@acme.com"))).await;
+        fleet
+            .publish(&sample::event(WS, id, 1, Some("alice@acme.com")))
+            .await;
     }
     all_synced_once(&fleet, ids, Duration::from_secs(30)).await;
     assert!(fleet.count("deferred", None) >= 1, "429s deferred events");
-    assert_eq!(fleet.count("retried", None), 0, "a 429 is not a failed attempt");
+    assert_eq!(
+        fleet.count("retried", None),
+        0,
+        "a 429 is not a failed attempt"
+    );
     assert_eq!(fleet.count("parked", None), 0);
     fleet.stop().await;
 }
@@ -89,12 +117,19 @@ async fn a_permanent_error_parks_the_event_until_a_replay_after_the_fix_delivers
     fleet.store.put(&broken).await.unwrap();
     fleet.spawn_consumer().await;
     fleet.spawn_replayer().await;
-    fleet.publish(&sample::event(WS, 500, 1, Some("alice@acme.com"))).await;
+    fleet
+        .publish(&sample::event(WS, 500, 1, Some("alice@acme.com")))
+        .await;
     fleet.wait_settled(1).await;
     assert_eq!(fleet.count("parked", Some("vitally_400")), 1);
 
-    let parked = DlqFilter { queue: DlqQueue::Parked, ..DlqFilter::default() };
-    let entries = dlq::list(&fleet.broker, &parked, Page::default()).await.unwrap();
+    let parked = DlqFilter {
+        queue: DlqQueue::Parked,
+        ..DlqFilter::default()
+    };
+    let entries = dlq::list(&fleet.broker, &parked, Page::default())
+        .await
+        .unwrap();
     println!("{}", dlq::render_table(&entries));
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].reason, "vitally_400");
@@ -111,7 +146,9 @@ async fn a_permanent_error_parks_the_event_until_a_replay_after_the_fix_delivers
         actor: "on-call".into(),
         reason: "trait repaired".into(),
     };
-    let report = dlq::replay(&fleet.broker, &parked, &options, |_, _| {}).await.unwrap();
+    let report = dlq::replay(&fleet.broker, &parked, &options, |_, _| {})
+        .await
+        .unwrap();
     assert_eq!(report.replayed, 1);
     all_synced_once(&fleet, 500..501, Duration::from_secs(20)).await;
 

@@ -2,7 +2,9 @@
 //! own RabbitMQ topology and Redis prefix, real consumers built exactly as the binary
 //! builds them, and helpers to publish events and read what happened.
 
-use std::time::Duration;
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use chrono::{DateTime, Utc};
 
 use fake_vitally::{FakeConfig, FakeVitally, RunningFake};
 use prometheus::Registry;
@@ -56,6 +58,8 @@ pub struct Fleet {
     consumers: Vec<Consumer>,
     /// Registries of consumers that were stopped or killed, so their counts still add up.
     retired: Vec<Registry>,
+    /// When each (workspace, request) was first published: its `occurred_at`.
+    published: Mutex<HashMap<(String, u64), DateTime<Utc>>>,
 }
 
 impl Fleet {
@@ -64,7 +68,15 @@ impl Fleet {
     }
 
     pub async fn start_with(fake_config: FakeConfig, overrides: &[(&'static str, &str)]) -> Fleet {
-        let env = TestEnv::new();
+        Self::start_in(TestEnv::new(), fake_config, overrides).await
+    }
+
+    /// A fleet in `env` (e.g. with production-like delay tiers).
+    pub async fn start_in(
+        env: TestEnv,
+        fake_config: FakeConfig,
+        overrides: &[(&'static str, &str)],
+    ) -> Fleet {
         let fake = FakeVitally::spawn(fake_config).await.expect("fake vitally");
         fake.seed(serde_json::from_value(thena_demo::customers::fixture()).unwrap())
             .expect("seed");
@@ -92,6 +104,7 @@ impl Fleet {
             broker,
             consumers: Vec::new(),
             retired: Vec::new(),
+            published: Mutex::default(),
         }
     }
 
@@ -158,6 +171,16 @@ impl Fleet {
 
     pub async fn publish(&self, event: &RequestChanged) {
         self.publisher.publish_event(event).await.expect("publish");
+        self.published
+            .lock()
+            .unwrap()
+            .entry((event.workspace_id.clone(), event.request.id))
+            .or_insert(event.occurred_at);
+    }
+
+    /// The `occurred_at` of the first event published for a request.
+    pub fn published_at(&self, ws: &str, request_id: u64) -> DateTime<Utc> {
+        self.published.lock().unwrap()[&(ws.to_string(), request_id)]
     }
 
     pub async fn publish_raw(&self, body: &[u8]) {
@@ -207,11 +230,13 @@ impl Fleet {
     }
 
     pub async fn wait_settled(&self, n: u64) {
-        wait_until(
-            &format!("{n} settled events"),
-            Duration::from_secs(20),
-            || async { (self.settled() >= n).then_some(()) },
-        )
+        self.wait_settled_within(n, Duration::from_secs(20)).await;
+    }
+
+    pub async fn wait_settled_within(&self, n: u64, deadline: Duration) {
+        wait_until(&format!("{n} settled events"), deadline, || async {
+            (self.settled() >= n).then_some(())
+        })
         .await;
     }
 

@@ -1,0 +1,407 @@
+//! Consumer benchmarks over the real RabbitMQ and Redis and the fake Vitally:
+//! `cargo bench --bench fleet`. Prints a table and writes `target/bench/fleet.json`.
+//!
+//! - raw lapin consume-and-ack (the baseline) vs the consumer's events/s, cold and warm;
+//! - events/s against a Vitally that answers after 100 ms, as concurrency grows;
+//! - Vitally calls per event, cold and warm;
+//! - noisy neighbour: workspace B's event age while workspace A floods 10× its budget.
+
+#[allow(dead_code)]
+#[path = "../tests/it/support.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use fake_vitally::{FakeConfig, Fault, FaultKind};
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::FieldTable,
+};
+use serde_json::{Value, json};
+use support::Fleet;
+use thena_events::sample;
+use thena_testkit::{TestEnv, wait_until};
+
+const EMAIL: Option<&str> = Some("alice@acme.com");
+
+fn unthrottled_fake() -> FakeConfig {
+    FakeConfig {
+        rate_limit: 10_000_000,
+        ..FakeConfig::default()
+    }
+}
+
+struct Row {
+    name: String,
+    value: f64,
+    unit: &'static str,
+    note: String,
+}
+
+fn row(name: impl Into<String>, value: f64, unit: &'static str, note: impl Into<String>) -> Row {
+    Row {
+        name: name.into(),
+        value,
+        unit,
+        note: note.into(),
+    }
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Raw lapin: publish `n` persistent messages, then consume and ack them (prefetch 64).
+async fn raw_lapin_consume(n: usize) -> f64 {
+    let env = TestEnv::new();
+    let channel = env.channel().await.expect("channel");
+    let queue = format!("{}.raw", env.prefix);
+    channel
+        .queue_declare(
+            queue.clone().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let body = serde_json::to_vec(&sample::event("T-RAW", 1, 1, EMAIL)).unwrap();
+    for _ in 0..n {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.clone().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    channel
+        .basic_qos(64, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            queue.clone().into(),
+            "raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    for _ in 0..n {
+        let delivery = consumer.next().await.unwrap().unwrap();
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    env.cleanup().await;
+    rate
+}
+
+/// Connects `count` workspaces with the full 1000/min budget each, so the per-integration
+/// limiter is not what is measured.
+async fn connect_workspaces(fleet: &Fleet, count: usize) -> Vec<String> {
+    let mut workspaces = Vec::new();
+    for i in 0..count {
+        let ws = format!("T-BENCH{i:03}");
+        fleet.connect(&ws, |_| {}).await;
+        workspaces.push(ws);
+    }
+    workspaces
+}
+
+/// Publishes version `version` of `per_ws` requests in each workspace, then starts the
+/// consumer and times until all of them settled. Returns events/s.
+async fn timed_batch(
+    fleet: &mut Fleet,
+    workspaces: &[String],
+    per_ws: u64,
+    version: u64,
+    settled_before: u64,
+) -> f64 {
+    for ws in workspaces {
+        for id in 0..per_ws {
+            fleet
+                .publish(&sample::event(ws, 1 + id, version, EMAIL))
+                .await;
+        }
+    }
+    let n = workspaces.len() as u64 * per_ws;
+    let start = Instant::now();
+    fleet.spawn_consumer().await;
+    fleet
+        .wait_settled_within(settled_before + n, Duration::from_secs(120))
+        .await;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    fleet.take_consumer().stop().await;
+    rate
+}
+
+async fn throughput(rows: &mut Vec<Row>, baseline: f64) {
+    let mut fleet = Fleet::start_with(
+        unthrottled_fake(),
+        &[("CONSUMER_CONCURRENCY", "64"), ("CONSUMER_PREFETCH", "128")],
+    )
+    .await;
+    let workspaces = connect_workspaces(&fleet, 50).await;
+    let per_ws = 20;
+    let cold = timed_batch(&mut fleet, &workspaces, per_ws, 1, 0).await;
+    let warm = timed_batch(
+        &mut fleet,
+        &workspaces,
+        per_ws,
+        2,
+        workspaces.len() as u64 * per_ws,
+    )
+    .await;
+    rows.push(row(
+        "consumer, zero-latency Vitally, cold (create)",
+        cold,
+        "events/s",
+        format!("{:.3} × raw lapin", cold / baseline),
+    ));
+    rows.push(row(
+        "consumer, zero-latency Vitally, warm (update)",
+        warm,
+        "events/s",
+        format!("{:.3} × raw lapin", warm / baseline),
+    ));
+    rows.push(row(
+        "process RSS after the zero-latency runs",
+        rss_mib(),
+        "MiB",
+        "fake + consumer + harness in one process",
+    ));
+    fleet.stop().await;
+}
+
+async fn latency_scaling(rows: &mut Vec<Row>) {
+    for concurrency in [1usize, 8, 32, 64] {
+        let c = concurrency.to_string();
+        let mut fleet = Fleet::start_with(
+            unthrottled_fake(),
+            &[("CONSUMER_CONCURRENCY", &c), ("CONSUMER_PREFETCH", "128")],
+        )
+        .await;
+        let workspaces = connect_workspaces(&fleet, 20).await;
+        let per_ws = (concurrency as u64 * 4 / 20).max(2);
+        // Create first (untimed), then time warm updates: one 100 ms call each.
+        timed_batch(&mut fleet, &workspaces, per_ws, 1, 0).await;
+        fleet.fake.inject(Fault::NextN {
+            method: None,
+            path_prefix: "/resources".into(),
+            count: 1_000_000,
+            kind: FaultKind::Latency(Duration::from_millis(100)),
+        });
+        let rate = timed_batch(
+            &mut fleet,
+            &workspaces,
+            per_ws,
+            2,
+            workspaces.len() as u64 * per_ws,
+        )
+        .await;
+        let ideal = concurrency as f64 * 10.0;
+        rows.push(row(
+            format!("consumer, Vitally +100 ms, concurrency {concurrency}"),
+            rate,
+            "events/s",
+            format!(
+                "{:.0}% of the {ideal:.0}/s a 100 ms call allows",
+                100.0 * rate / ideal
+            ),
+        ));
+        fleet.stop().await;
+    }
+}
+
+async fn calls_per_event(rows: &mut Vec<Row>) {
+    let mut fleet = Fleet::start().await;
+    fleet.connect(support::WS, |_| {}).await;
+    fleet.spawn_consumer().await;
+    fleet.fake.reset_calls();
+    fleet
+        .publish(&sample::event(support::WS, 1, 1, EMAIL))
+        .await;
+    fleet.wait_settled(1).await;
+    let cold = fleet.fake.calls();
+    fleet.fake.reset_calls();
+    fleet
+        .publish(&sample::event(support::WS, 1, 2, EMAIL))
+        .await;
+    fleet.wait_settled(2).await;
+    let warm = fleet.fake.calls();
+    fleet.fake.reset_calls();
+    fleet
+        .publish(&sample::event(support::WS, 2, 1, EMAIL))
+        .await;
+    fleet.wait_settled(3).await;
+    let new_request = fleet.fake.calls();
+    rows.push(row(
+        "Vitally calls, first event (cold caches)",
+        cold.total as f64,
+        "calls",
+        format!("{:?}", cold.by_route.keys().collect::<Vec<_>>()),
+    ));
+    rows.push(row(
+        "Vitally calls, next request of a known requestor",
+        new_request.total as f64,
+        "calls",
+        "user lookup cached",
+    ));
+    rows.push(row(
+        "Vitally calls, update of a known request (warm)",
+        warm.total as f64,
+        "calls",
+        "the instance PUT only",
+    ));
+    fleet.stop().await;
+}
+
+async fn noisy_neighbour(rows: &mut Vec<Row>) {
+    // Production-like delay tiers: a deferred event really waits, as it would in a fleet.
+    let env = TestEnv::with_tiers(vec![
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    ]);
+    let mut fleet =
+        Fleet::start_in(env, unthrottled_fake(), &[("CONSUMER_CONCURRENCY", "16")]).await;
+    fleet
+        .connect("T-FLOOD", |r| r.rate_budget_per_min = 60)
+        .await;
+    fleet
+        .connect("T-QUIET", |r| r.rate_budget_per_min = 600)
+        .await;
+    fleet.spawn_consumer().await;
+    fleet.spawn_replayer().await;
+    let seconds = 10u64;
+    let quiet_per_sec = 3u64;
+    let flood_per_sec = 10u64; // 10 × its 1/s budget
+    let start = Instant::now();
+    let mut quiet_ids = Vec::new();
+    for tick in 0..seconds * 10 {
+        for i in 0..flood_per_sec / 10 {
+            fleet
+                .publish(&sample::event("T-FLOOD", 10_000 + tick * 10 + i, 1, EMAIL))
+                .await;
+        }
+        if tick % (10 / quiet_per_sec).max(1) == 0 {
+            let id = 20_000 + tick;
+            fleet.publish(&sample::event("T-QUIET", id, 1, EMAIL)).await;
+            quiet_ids.push(id);
+        }
+        let next = start + Duration::from_millis(100 * (tick + 1));
+        tokio::time::sleep_until(next.into()).await;
+    }
+    wait_until(
+        "the quiet workspace's events",
+        Duration::from_secs(60),
+        || async {
+            quiet_ids
+                .iter()
+                .all(|id| fleet.instances_for("T-QUIET", *id).len() == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    let mut ages: Vec<f64> = quiet_ids
+        .iter()
+        .map(|id| {
+            let instance = &fleet.instances_for("T-QUIET", *id)[0];
+            let occurred = fleet.published_at("T-QUIET", *id);
+            (instance.created_at - occurred).num_milliseconds() as f64 / 1000.0
+        })
+        .collect();
+    ages.sort_by(f64::total_cmp);
+    let pct = |p: f64| ages[((ages.len() as f64 - 1.0) * p).round() as usize];
+    let flood_synced = fleet
+        .fake
+        .instances()
+        .iter()
+        .filter(|i| i.external_id.starts_with("thena:T-FLOOD:"))
+        .count();
+    let flood_sent = (seconds * flood_per_sec) as usize;
+    rows.push(row(
+        "noisy neighbour: quiet workspace p50 event age",
+        pct(0.5),
+        "s",
+        format!("{} events at {quiet_per_sec}/s", ages.len()),
+    ));
+    rows.push(row(
+        "noisy neighbour: quiet workspace p99 event age",
+        pct(0.99),
+        "s",
+        "target < 5 s",
+    ));
+    rows.push(row(
+        "noisy neighbour: flooding workspace synced meanwhile",
+        flood_synced as f64,
+        "events",
+        format!("of {flood_sent} sent at 10× its 60/min budget; the rest deferred, not lost"),
+    ));
+    fleet.stop().await;
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut rows = Vec::new();
+    let baseline = raw_lapin_consume(2_000).await;
+    rows.push(row(
+        "raw lapin consume + ack (baseline)",
+        baseline,
+        "msgs/s",
+        "same broker, same run",
+    ));
+    throughput(&mut rows, baseline).await;
+    calls_per_event(&mut rows).await;
+    latency_scaling(&mut rows).await;
+    noisy_neighbour(&mut rows).await;
+
+    println!("\n{:<58} {:>10} {:<9} note", "measure", "value", "unit");
+    println!("{}", "-".repeat(110));
+    for r in &rows {
+        println!("{:<58} {:>10.2} {:<9} {}", r.name, r.value, r.unit, r.note);
+    }
+    let json: Value = json!({
+        "machine": format!("{} cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
+        "rows": rows.iter().map(|r| json!({"measure": r.name, "value": r.value, "unit": r.unit, "note": r.note})).collect::<Vec<_>>(),
+    });
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("fleet.json"),
+        serde_json::to_string_pretty(&json).unwrap(),
+    )
+    .unwrap();
+    println!("\nwrote target/bench/fleet.json");
+}

@@ -61,7 +61,7 @@ pub enum IntegrationsCommand {
 }
 
 pub async fn run(config: Config, command: IntegrationsCommand) -> anyhow::Result<()> {
-    let store = thena_sync::app::integration_store(&config).await?;
+    let store = vitally_client::integrations::IntegrationStore::from_config(&config).await?;
     match command {
         IntegrationsCommand::Connect {
             workspace,

@@ -965,7 +965,7 @@ fn deployments_run_as_the_images_unprivileged_user_and_drop_everything() {
 fn keda_scales_the_consumers_on_the_sync_queue_of_the_configured_prefix() {
     let kube = Kube::base();
     let config = config_from(&kube.environment(), "Kubernetes base");
-    let sync_queue = thena_sync::app::topology(&config).sync_queue();
+    let sync_queue = thena_broker::Topology::from_config(&config).sync_queue();
     assert_eq!(sync_queue, format!("{}.requests.sync", config.name_prefix));
 
     let scaled = kube.one("ScaledObject");

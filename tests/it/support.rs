@@ -84,13 +84,13 @@ impl Fleet {
         pairs.extend(overrides.iter().map(|(k, v)| (*k, v.to_string())));
         let borrowed: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let config = Config::defaults_with(&borrowed).expect("config");
-        let store = thena_sync::app::integration_store(&config)
+        let store = vitally_client::integrations::IntegrationStore::from_config(&config)
             .await
             .expect("store");
         let broker = Broker::connect(
             config.amqp_url.clone(),
             "test",
-            thena_sync::app::topology(&config),
+            thena_broker::Topology::from_config(&config),
         )
         .await
         .expect("broker");

@@ -45,6 +45,13 @@ impl Topology {
         }
     }
 
+    /// The fleet's topology as configured: every role declares the same one.
+    pub fn from_config(config: &thena_runtime::Config) -> Self {
+        Topology::new(config.name_prefix.clone())
+            .with_delivery_limit(config.retry.delivery_limit)
+            .with_delay_tiers(config.retry.tiers.clone())
+    }
+
     pub fn with_delivery_limit(mut self, limit: u32) -> Self {
         self.delivery_limit = limit;
         self

@@ -89,6 +89,45 @@ impl AppState {
     }
 }
 
+/// The producer as configured (the binary and the demo build it here): a publisher with
+/// 64 confirm channels, since batched ingest is bounded by publishes in flight.
+pub async fn from_config(
+    config: &thena_runtime::Config,
+    registry: &prometheus::Registry,
+    readiness: Readiness,
+) -> anyhow::Result<AppState> {
+    use anyhow::Context;
+    let mut producer = ProducerConfig::new(config.require_producer_token()?);
+    producer.body_limit = config.ingest_body_limit;
+    producer.validate()?;
+    let broker = Broker::connect(
+        config.amqp_url.clone(),
+        "thena-vitally-producer",
+        thena_broker::Topology::from_config(config),
+    )
+    .await
+    .context("cannot connect to RabbitMQ (AMQP_URL)")?;
+    let publisher = broker
+        .publisher_with(thena_broker::PublisherOptions {
+            channels: 64,
+            ..Default::default()
+        })
+        .await?;
+    let integrations = IntegrationStore::from_config(config).await?;
+    let vitally = VitallyHttp::new(
+        config.vitally.timeout,
+        vitally_client::metrics::VitallyMetrics::new(registry)?,
+    )?;
+    let deps = AppDeps {
+        broker,
+        publisher,
+        integrations,
+        vitally,
+        readiness,
+    };
+    Ok(AppState::new(producer, deps, IngestMetrics::new(registry)?))
+}
+
 /// The whole producer API: ingest and admin behind the bearer token; health probes and
 /// the OpenAPI document open.
 pub fn router(state: AppState) -> Router {

@@ -15,7 +15,7 @@ mod error;
 pub mod ingest;
 mod metrics;
 
-pub use app::{AppDeps, AppState, router, run};
+pub use app::{AppDeps, AppState, from_config, router, run};
 pub use config::{ConfigError, DEFAULT_BODY_LIMIT, DEFAULT_PUBLISH_TIMEOUT, ProducerConfig};
 pub use metrics::IngestMetrics;
 

@@ -9,5 +9,7 @@ pub mod dlq;
 mod replayer;
 pub mod schedule;
 
-pub use replayer::{ReplayerConfig, ReplayerMetrics, run_replayer, run_replayer_with};
+pub use replayer::{
+    ReplayerConfig, ReplayerMetrics, run_from_config, run_replayer, run_replayer_with,
+};
 pub use schedule::{Decision, Plan, RetrySchedule};

@@ -401,3 +401,37 @@ async fn oldest_parked_age(channel: &Channel, queue: &str) -> Result<f64, lapin:
         })
         .unwrap_or(0.0))
 }
+
+/// The replayer as configured (the binary and the demo run it here), keeping the
+/// "broker" readiness check current until `shutdown`.
+pub async fn run_from_config(
+    config: &thena_runtime::Config,
+    registry: &Registry,
+    readiness: thena_runtime::ops::Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let topology = thena_broker::Topology::from_config(config);
+    let broker = Broker::connect(config.amqp_url.clone(), "thena-vitally-replayer", topology)
+        .await
+        .context("cannot connect to RabbitMQ (AMQP_URL)")?;
+    let metrics = ReplayerMetrics::register(registry)?;
+    let schedule =
+        RetrySchedule::for_topology(broker.topology()).with_max_age(config.retry.max_age);
+    let watcher = {
+        let broker = broker.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                readiness.set("broker", broker.is_healthy().await);
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        })
+    };
+    let result = run_replayer(broker, schedule, metrics, shutdown).await;
+    watcher.abort();
+    result
+}

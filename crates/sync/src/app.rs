@@ -8,7 +8,6 @@ use thena_broker::{Broker, Topology};
 use thena_runtime::{Config, ops::Readiness};
 use vitally_client::{
     client::VitallyHttp,
-    crypto::SecretCipher,
     integrations::{IntegrationCache, IntegrationStore},
     limiter::RateLimiter,
     metrics::VitallyMetrics,
@@ -19,29 +18,11 @@ use crate::{
     guard::RequestGuards,
     metrics::SyncMetrics,
     pipeline::{Pipeline, PipelineSettings},
-    redis_conn,
     worker::{Worker, WorkerSettings},
 };
 
 /// How long a consumer may hold a request's lock: beyond any single event's Vitally calls.
 const REQUEST_LOCK_TTL: Duration = Duration::from_secs(60);
-
-/// The fleet's topology as configured (every role declares the same one).
-pub fn topology(config: &Config) -> Topology {
-    Topology::new(config.name_prefix.clone())
-        .with_delivery_limit(config.retry.delivery_limit)
-        .with_delay_tiers(config.retry.tiers.clone())
-}
-
-/// Integration records as every role reads them (encrypted with `INTEGRATIONS_KEY`).
-pub async fn integration_store(config: &Config) -> anyhow::Result<IntegrationStore> {
-    let key = config.require_integrations_key()?;
-    let cipher = SecretCipher::from_key(&key).context("INTEGRATIONS_KEY")?;
-    let redis = redis_conn::connect(&config.redis_url)
-        .await
-        .context("cannot connect to Redis (REDIS_URL)")?;
-    Ok(IntegrationStore::new(redis, &config.redis_prefix, cipher))
-}
 
 /// A ready-to-run consumer with its metrics registered in `registry`.
 pub async fn build_worker(
@@ -52,14 +33,14 @@ pub async fn build_worker(
     let broker = Broker::connect(
         config.amqp_url.clone(),
         "thena-vitally-consumer",
-        topology(config),
+        Topology::from_config(config),
     )
     .await
     .context("cannot connect to RabbitMQ (AMQP_URL)")?;
-    let redis = redis_conn::connect(&config.redis_url)
+    let redis = thena_runtime::redis::connect(&config.redis_url)
         .await
         .context("cannot connect to Redis (REDIS_URL)")?;
-    let store = integration_store(config).await?;
+    let store = IntegrationStore::from_config(config).await?;
     let vitally_metrics = VitallyMetrics::new(registry)?;
     let http = VitallyHttp::new(config.vitally.timeout, vitally_metrics.clone())?;
     let limiter = RateLimiter::new(

@@ -14,5 +14,4 @@ pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
 pub mod policy;
-pub mod redis_conn;
 pub mod worker;

@@ -1,7 +1,14 @@
 //! One event in, one [`Outcome`] out: policy, linking (with the Redis cache), mapping and
 //! the guarded upsert. No AMQP here — the worker turns outcomes into acks and republishes.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use thena_events::RequestChanged;
 use vitally_client::{
@@ -24,6 +31,9 @@ use crate::{
     outcome::{Outcome, Skip},
     policy::{self, PolicyDecision, Toggles},
 };
+
+/// How long a call may wait for budget once its event already made a call.
+const IN_EVENT_WAIT: Duration = Duration::from_secs(5);
 
 /// Knobs of the pipeline (from the shared configuration).
 #[derive(Debug, Clone)]
@@ -140,12 +150,19 @@ fn redis_err(error: redis::RedisError) -> StepError {
 }
 
 /// One integration's calls, each admitted by the fleet-wide limiter first.
+///
+/// Only the event's first call is held to `max_wait`: once an event has spent budget,
+/// deferring it mid-way would waste that budget, and under a sustained flood no event
+/// would ever collect the two or three calls it needs (a livelock the noisy-neighbour
+/// benchmark showed). Later calls may wait up to `in_event_wait`.
 struct Session<'a> {
     client: VitallyClient,
     limiter: &'a RateLimiter,
     workspace: &'a str,
     budget: u32,
     max_wait: Duration,
+    in_event_wait: Duration,
+    started: AtomicBool,
 }
 
 impl Session<'_> {
@@ -153,9 +170,14 @@ impl Session<'_> {
         &self,
         call: impl Future<Output = Result<T, VitallyError>>,
     ) -> Result<T, StepError> {
+        let max_wait = if self.started.swap(true, Ordering::Relaxed) {
+            self.in_event_wait
+        } else {
+            self.max_wait
+        };
         match self
             .limiter
-            .acquire(self.workspace, self.budget, self.max_wait)
+            .acquire(self.workspace, self.budget, max_wait)
             .await
         {
             Admission::Granted => {}
@@ -254,6 +276,8 @@ impl Pipeline {
             workspace: ws,
             budget: integration.rate_budget_per_min,
             max_wait: self.settings.max_rate_wait,
+            in_event_wait: self.settings.max_rate_wait.max(IN_EVENT_WAIT),
+            started: AtomicBool::new(false),
         };
         let target = match self.resolve_target(&session, event).await? {
             Ok(target) => target,

@@ -145,6 +145,18 @@ impl fmt::Debug for IntegrationStore {
 }
 
 impl IntegrationStore {
+    /// The store every role reads, as configured: Redis at `REDIS_URL`, keys under
+    /// `REDIS_PREFIX`, auth headers encrypted with `INTEGRATIONS_KEY` (required).
+    pub async fn from_config(config: &thena_runtime::Config) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let key = config.require_integrations_key()?;
+        let cipher = SecretCipher::from_key(&key).context("INTEGRATIONS_KEY")?;
+        let redis = thena_runtime::redis::connect(&config.redis_url)
+            .await
+            .context("cannot connect to Redis (REDIS_URL)")?;
+        Ok(Self::new(redis, &config.redis_prefix, cipher))
+    }
+
     pub fn new(redis: ConnectionManager, key_prefix: &str, cipher: SecretCipher) -> Self {
         Self {
             redis,

@@ -1,4 +1,4 @@
-//! One way to open Redis: a self-healing `ConnectionManager` with short timeouts, so a
+//! One way to open Redis for every role: a self-healing `ConnectionManager` with short timeouts, so a
 //! Redis outage turns into quick errors the callers degrade on, never hung events.
 
 use std::time::Duration;

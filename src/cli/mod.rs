@@ -1,5 +1,6 @@
 //! The command line: roles (long-running services) and tools (one-shot commands).
 
+mod dlq;
 mod integrations;
 mod roles;
 
@@ -27,8 +28,20 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// HTTP ingest of request changes (and the integration admin API).
+    Producer,
     /// Consume request-change events and upsert them into Vitally.
     Consumer,
+    /// Retry dead-lettered events with backoff; park what cannot be delivered.
+    Replayer,
+    /// Inspect, replay and purge parked or dead-lettered events.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Generate realistic request lifecycles (load and demo traffic).
+    Emit(thena_producer::emit::EmitArgs),
+    /// Every role in one process against local RabbitMQ and Redis and a fake Vitally:
+    /// prints where each demo request went.
+    Demo(roles::DemoArgs),
     /// Serve the fake Vitally REST API (tests, demo, benchmarks).
     FakeVitally(roles::FakeVitallyArgs),
     /// Connect, inspect and change Vitally integrations (one per Slack workspace).
@@ -41,9 +54,26 @@ enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
+        Command::Producer => {
+            telemetry::init_tracing(config.log_format, "info");
+            roles::producer(config).await
+        }
         Command::Consumer => {
             telemetry::init_tracing(config.log_format, "info");
             roles::consumer(config).await
+        }
+        Command::Replayer => {
+            telemetry::init_tracing(config.log_format, "info");
+            roles::replayer(config).await
+        }
+        Command::Dlq(command) => {
+            // The audit lines (target thena::audit) are part of the output.
+            telemetry::init_tracing(config.log_format, "warn,thena::audit=info");
+            dlq::run(config, command).await
+        }
+        Command::Emit(args) => {
+            telemetry::init_tracing(config.log_format, "warn");
+            roles::emit(config, args).await
         }
         Command::FakeVitally(args) => {
             telemetry::init_tracing(config.log_format, "info");
@@ -52,6 +82,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Integrations(command) => {
             telemetry::init_tracing(config.log_format, "warn");
             integrations::run(config, command).await
+        }
+        Command::Demo(args) => {
+            // lapin reports its own connections closing at the end as errors: noise here.
+            telemetry::init_tracing(config.log_format, "warn,lapin=off");
+            roles::demo(config, args).await
         }
         Command::Config => {
             print_config();

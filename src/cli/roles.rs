@@ -95,3 +95,90 @@ pub async fn fake_vitally(config: Config, args: FakeVitallyArgs) -> anyhow::Resu
     })
     .await
 }
+
+pub async fn producer(config: Config) -> anyhow::Result<()> {
+    let role = RoleRuntime::start(&config).await?;
+    let state = thena_producer::from_config(&config, &role.registry, role.readiness.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on HTTP_ADDR={}", config.http_addr))?;
+    thena_producer::run(listener, state, role.shutdown).await?;
+    Ok(())
+}
+
+pub async fn replayer(config: Config) -> anyhow::Result<()> {
+    let role = RoleRuntime::start(&config).await?;
+    thena_replayer::run_from_config(&config, &role.registry, role.readiness, role.shutdown).await
+}
+
+pub async fn emit(config: Config, args: thena_producer::emit::EmitArgs) -> anyhow::Result<()> {
+    use thena_producer::emit::{Via, emit_broker, emit_http};
+    let events = args.scenario(chrono::Utc::now()).events();
+    let report = match args.via {
+        Via::Http => {
+            let token = config.require_producer_token()?;
+            emit_http(&args.url, &token, &events, args.rate, args.batch).await?
+        }
+        Via::Broker => {
+            let broker = thena_broker::Broker::connect(
+                config.amqp_url.clone(),
+                "thena-vitally-emit",
+                thena_broker::Topology::from_config(&config),
+            )
+            .await?;
+            let publisher = broker.publisher().await?;
+            let report = emit_broker(&publisher, &events, args.rate).await;
+            broker.close().await;
+            report
+        }
+    };
+    println!(
+        "emitted {} events for {} requests: {} accepted, {} rejected, {} unavailable",
+        report.total(),
+        args.requests,
+        report.accepted,
+        report.rejected,
+        report.unavailable
+    );
+    anyhow::ensure!(report.rejected == 0 && report.unavailable == 0, "not every event was accepted");
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Events per request lifecycle (at least 3).
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Consumer replicas.
+    #[arg(long, default_value_t = 2)]
+    consumers: usize,
+    /// Keep the APIs and metrics up after the table, until Ctrl-C.
+    #[arg(long)]
+    serve: bool,
+}
+
+pub async fn demo(config: Config, args: DemoArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let options = thena_demo::DemoOptions {
+        steps: args.steps,
+        consumers: args.consumers.max(1),
+        serve: args.serve,
+        ..Default::default()
+    };
+    let report = thena_demo::run(&config, &options).await?;
+    if !args.serve {
+        println!("{report}");
+    }
+    let mismatches = report.mismatches();
+    anyhow::ensure!(
+        mismatches.is_empty(),
+        "some requests did not land where the linking rules say:\n  {}",
+        mismatches.join("\n  ")
+    );
+    println!(
+        "\nall {} requests landed where the linking rules say, in {:.1} s",
+        report.rows.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -3,5 +3,6 @@
 
 mod consumer;
 mod delivery;
+mod demo;
 mod manifests;
 mod support;

@@ -1,4 +1,356 @@
 //! `thena-vitally demo`: every role in one process against the local RabbitMQ and Redis
 //! and an embedded fake Vitally, with a customer base covering every linking case.
+//!
+//! It connects an integration through the producer's admin API, sends request
+//! lifecycles through the ingest API (with a short Vitally outage on the way, so the
+//! retry path shows), waits until every request settled, and prints where each one
+//! went. Everything runs under a fresh name prefix, removed again at the end.
 
 pub mod customers;
+mod report;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use fake_vitally::{FakeConfig, FakeVitally, Fault, FaultKind, RunningFake};
+use secrecy::{ExposeSecret, SecretString};
+use thena_broker::Topology;
+use thena_events::Change;
+use thena_producer::emit::{Persona, Scenario, default_categories, emit_http};
+use thena_runtime::{Config, ops};
+use thena_sync::{outcome::Outcome, worker::Settled};
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+
+pub use report::{DemoReport, RequestRow};
+
+pub const WORKSPACE: &str = "T0DEMO";
+
+/// What to run; the defaults are the README's demo.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Events per request lifecycle (created … closed with CSAT).
+    pub steps: usize,
+    /// Consumer replicas in the process.
+    pub consumers: usize,
+    /// Give up waiting for the requests to settle after this long.
+    pub deadline: Duration,
+    /// Keep serving (metrics, API, fake) after the table until Ctrl-C.
+    pub serve: bool,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            steps: 4,
+            consumers: 2,
+            deadline: Duration::from_secs(45),
+            serve: false,
+        }
+    }
+}
+
+/// One role's ops endpoint, for the closing list of URLs.
+struct Endpoint {
+    role: &'static str,
+    addr: SocketAddr,
+}
+
+/// Runs the demo against `base` configuration (the environment's, normally) and
+/// returns what happened; the caller prints it.
+pub async fn run(base: &Config, options: &DemoOptions) -> anyhow::Result<DemoReport> {
+    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let config = demo_config(base, run_id)?;
+    let shutdown = CancellationToken::new();
+
+    let fake = FakeVitally::spawn(FakeConfig::default()).await?;
+    fake.seed(serde_json::from_value(customers::fixture())?)
+        .map_err(|e| anyhow::anyhow!("seeding the fake Vitally: {e}"))?;
+
+    let mut endpoints = Vec::new();
+    let mut registries = Vec::new();
+    let (observer, mut settled) = mpsc::unbounded_channel();
+
+    // Producer: ingest and admin API.
+    let (producer_registry, producer_ready) =
+        role_ops("producer", &mut endpoints, &shutdown).await?;
+    let state = thena_producer::from_config(&config, &producer_registry, producer_ready).await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let api = format!("http://{}", listener.local_addr()?);
+    let producer = tokio::spawn(thena_producer::run(listener, state, shutdown.clone()));
+    registries.push(producer_registry);
+
+    // Consumers, each with its own registry, as separate pods would have.
+    let mut tasks = Vec::new();
+    for _ in 0..options.consumers {
+        let (registry, readiness) = role_ops("consumer", &mut endpoints, &shutdown).await?;
+        let mut worker = thena_sync::app::build_worker(&config, &registry, readiness).await?;
+        worker.observer = Some(observer.clone());
+        tasks.push(tokio::spawn(worker.run(shutdown.clone())));
+        registries.push(registry);
+    }
+    drop(observer);
+
+    // Replayer.
+    let (replayer_registry, replayer_ready) =
+        role_ops("replayer", &mut endpoints, &shutdown).await?;
+    let replayer = {
+        let config = config.clone();
+        let registry = replayer_registry.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            thena_replayer::run_from_config(&config, &registry, replayer_ready, shutdown).await
+        })
+    };
+    registries.push(replayer_registry);
+
+    let token = config.require_producer_token()?;
+    let outcome = drive(&api, &token, &fake, options, &mut settled).await;
+
+    let mut report = match outcome {
+        Ok(rows) => DemoReport::new(rows, &fake.dump(), &registries, &fake.calls()),
+        Err(e) => {
+            stop(&shutdown, tasks, producer, replayer).await;
+            cleanup(&config).await;
+            return Err(e);
+        }
+    };
+    report.urls = endpoints
+        .iter()
+        .map(|e| format!("{:<9} http://{}/metrics", e.role, e.addr))
+        .chain([
+            format!("{:<9} {api}/openapi.json", "api"),
+            format!("{:<9} {}/_fake/state", "vitally", fake.base_url()),
+        ])
+        .collect();
+
+    if options.serve {
+        println!("{report}");
+        println!("serving until Ctrl-C …");
+        tokio::signal::ctrl_c().await?;
+    }
+    stop(&shutdown, tasks, producer, replayer).await;
+    cleanup(&config).await;
+    fake.shutdown().await;
+    Ok(report)
+}
+
+/// The environment's configuration, isolated for this run: its own queues and Redis
+/// keys (so it never touches a real deployment on the same broker), local listeners,
+/// and throwaway secrets where none are configured.
+fn demo_config(base: &Config, run_id: &str) -> anyhow::Result<Config> {
+    let mut config = base.clone();
+    config.name_prefix = format!("demo-{run_id}");
+    config.redis_prefix = format!("demo-{run_id}");
+    config.retry.tiers = vec![
+        Duration::from_millis(500),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+    ];
+    config.consumer.concurrency = 16;
+    if config.producer_token.is_none() {
+        config.producer_token = Some(SecretString::from(format!("demo-token-{run_id}")));
+    }
+    if config.integrations_key.is_none() {
+        // 32 random bytes, hex: the demo's records are deleted at the end anyway.
+        let key: String = (0..2)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect();
+        config.integrations_key = Some(SecretString::from(key));
+    }
+    Ok(config)
+}
+
+async fn role_ops(
+    role: &'static str,
+    endpoints: &mut Vec<Endpoint>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(prometheus::Registry, ops::Readiness)> {
+    let registry = prometheus::Registry::new();
+    let readiness = ops::Readiness::new();
+    let addr = ops::spawn(
+        "127.0.0.1:0".parse()?,
+        registry.clone(),
+        readiness.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    endpoints.push(Endpoint { role, addr });
+    Ok((registry, readiness))
+}
+
+/// Connects, sends the traffic, and collects each request's final outcome.
+async fn drive(
+    api: &str,
+    token: &SecretString,
+    fake: &RunningFake,
+    options: &DemoOptions,
+    settled: &mut mpsc::UnboundedReceiver<Settled>,
+) -> anyhow::Result<Vec<RequestRow>> {
+    connect(api, token, fake).await?;
+
+    let personas: Vec<Persona> = customers::PERSONAS
+        .iter()
+        .map(|p| Persona::new(p.name, p.email))
+        .collect();
+    let scenario = Scenario {
+        workspace_id: WORKSPACE.into(),
+        personas,
+        requests: customers::PERSONAS.len() as u64,
+        first_request_id: 101,
+        steps: options.steps.max(3),
+        start: Utc::now(),
+        max_step_gap: Duration::from_secs(2),
+        categories: default_categories(),
+        seed: 7,
+    };
+    let events = scenario.events();
+    // Thread-only changes wait for the next metadata change (they are skipped).
+    let thread_only = events.iter().filter(|e| e.change == Change::Thread).count();
+    let last_version: HashMap<u64, u64> = events.iter().fold(HashMap::new(), |mut last, e| {
+        let v = last.entry(e.request.id).or_insert(0);
+        *v = (*v).max(e.request.version);
+        last
+    });
+
+    // A short Vitally outage while the traffic flows: those events take the retry path.
+    fake.inject(Fault::NextN {
+        method: Some("PUT".into()),
+        path_prefix: "/resources/customObjects".into(),
+        count: 3,
+        kind: FaultKind::Status(503),
+    });
+    let sent = emit_http(api, token, &events, 0, 10).await?;
+    if sent.accepted as usize != events.len() {
+        bail!(
+            "the producer accepted {} of {} events",
+            sent.accepted,
+            events.len()
+        );
+    }
+    tracing::debug!(events = events.len(), thread_only, "traffic sent");
+
+    let mut finals: BTreeMap<u64, Outcome> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + options.deadline;
+    while finals.len() < last_version.len() {
+        let next = tokio::time::timeout_at(deadline, settled.recv())
+            .await
+            .with_context(|| {
+                format!(
+                    "only {} of {} requests settled within {:?}",
+                    finals.len(),
+                    last_version.len(),
+                    options.deadline
+                )
+            })?
+            .context("every consumer stopped")?;
+        let (Some(request), Some(version)) = (next.request_id, next.version) else {
+            continue;
+        };
+        let settles = matches!(next.outcome, Outcome::Synced { .. } | Outcome::Skipped(_));
+        if settles && last_version.get(&request) == Some(&version) {
+            finals.insert(request, next.outcome);
+        }
+    }
+
+    Ok(customers::PERSONAS
+        .iter()
+        .enumerate()
+        .map(|(i, persona)| {
+            let request_id = 101 + i as u64;
+            RequestRow {
+                request_id,
+                persona: *persona,
+                outcome: finals[&request_id].clone(),
+                versions: last_version[&request_id],
+            }
+        })
+        .collect())
+}
+
+/// Connects the demo workspace through the producer's admin API, like an admin would.
+async fn connect(api: &str, token: &SecretString, fake: &RunningFake) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let categories: Vec<String> = default_categories().into_iter().map(|c| c.name).collect();
+    let response = reqwest::Client::new()
+        .post(format!("{api}/v1/integrations"))
+        .bearer_auth(token.expose_secret())
+        .json(&serde_json::json!({
+            "workspace_id": WORKSPACE,
+            "api_url": fake.base_url(),
+            "auth_header": fake.auth_header(),
+            "categories": categories,
+            "push_requests": true,
+            "update_requests": true,
+            "rate_budget_per_min": 1000,
+        }))
+        .send()
+        .await?;
+    let status = response.status();
+    if !status.is_success() {
+        bail!(
+            "connecting the integration failed: {status} {}",
+            response.text().await?
+        );
+    }
+    Ok(())
+}
+
+async fn stop(
+    shutdown: &CancellationToken,
+    consumers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    producer: tokio::task::JoinHandle<std::io::Result<()>>,
+    replayer: tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    shutdown.cancel();
+    for task in consumers {
+        let _ = task.await;
+    }
+    let _ = producer.await;
+    let _ = replayer.await;
+}
+
+/// Removes the run's queues, exchanges and Redis keys.
+async fn cleanup(config: &Config) {
+    let topology = Topology::from_config(config);
+    if let Ok(broker) = thena_broker::Broker::connect(
+        config.amqp_url.clone(),
+        "thena-vitally-demo-cleanup",
+        topology.clone(),
+    )
+    .await
+    {
+        if let Ok(channel) = broker.channel().await
+            && let Err(e) = topology.delete(&channel).await
+        {
+            tracing::warn!(error = %e, "could not delete the demo's queues");
+        }
+        broker.close().await;
+    }
+    if let Err(e) = delete_redis_keys(config).await {
+        tracing::warn!(error = %e, "could not delete the demo's Redis keys");
+    }
+}
+
+async fn delete_redis_keys(config: &Config) -> redis::RedisResult<()> {
+    let mut redis = thena_runtime::redis::connect(&config.redis_url).await?;
+    let pattern = format!("{}:*", config.redis_prefix);
+    let keys: Vec<String> = {
+        let mut iter: redis::AsyncIter<'_, String> =
+            redis::AsyncCommands::scan_match(&mut redis, &pattern).await?;
+        let mut keys = Vec::new();
+        while let Some(key) = iter.next_item().await {
+            keys.push(key?);
+        }
+        keys
+    };
+    if !keys.is_empty() {
+        let _: () = redis::AsyncCommands::del(&mut redis, keys).await?;
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::{
@@ -63,7 +64,7 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.settings.concurrency));
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = reconnect_backoff();
         let mut last_channel = None;
         'connection: while !shutdown.is_cancelled() {
             let subscribed = self.subscribe().await;
@@ -71,16 +72,16 @@ impl Worker {
                 Ok(parts) => parts,
                 Err(e) => {
                     self.readiness.set("broker", false);
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot subscribe; retrying");
+                    let pause = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?pause, "cannot subscribe; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => break 'connection,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(pause) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
-            backoff = Duration::from_millis(100);
+            backoff = reconnect_backoff();
             self.readiness.set("broker", true);
             tracing::info!(queue = %self.broker.topology().sync_queue(), "consuming");
             loop {
@@ -171,6 +172,17 @@ impl Worker {
         };
         Ok((channel, consumer, settler))
     }
+}
+
+/// Reconnect pauses: 100 ms doubling to 5 s, jittered so a fleet does not reconnect in
+/// lockstep after a broker restart, never giving up.
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 impl Settler {

@@ -184,4 +184,20 @@ PY
   ok "$dashboard: $count queries parse as PromQL"
 done
 
+# ---------------------------------------------------------------- /metrics of every role
+# METRICS_DIR: *.prom files written by `thena-vitally demo --metrics-dir` (.ci/run does).
+if [[ -n "${METRICS_DIR:-}" ]]; then
+  step "metrics"
+  shopt -s nullglob
+  files=("$METRICS_DIR"/*.prom)
+  if (( ${#files[@]} == 0 )); then
+    echo "no *.prom files in METRICS_DIR=$METRICS_DIR" >&2
+    exit 1
+  fi
+  for file in "${files[@]}"; do
+    "$PROMTOOL" check metrics < "$file"
+    ok "$file: promtool check metrics"
+  done
+fi
+
 printf '\ndeploy/check.sh: %d checks ok, %d skipped, %ds\n' "${#checked[@]}" "${#skipped[@]}" "$((SECONDS - started))"

@@ -98,7 +98,8 @@ pub async fn fake_vitally(config: Config, args: FakeVitallyArgs) -> anyhow::Resu
 
 pub async fn producer(config: Config) -> anyhow::Result<()> {
     let role = RoleRuntime::start(&config).await?;
-    let state = thena_producer::from_config(&config, &role.registry, role.readiness.clone()).await?;
+    let state =
+        thena_producer::from_config(&config, &role.registry, role.readiness.clone()).await?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on HTTP_ADDR={}", config.http_addr))?;
@@ -140,7 +141,10 @@ pub async fn emit(config: Config, args: thena_producer::emit::EmitArgs) -> anyho
         report.rejected,
         report.unavailable
     );
-    anyhow::ensure!(report.rejected == 0 && report.unavailable == 0, "not every event was accepted");
+    anyhow::ensure!(
+        report.rejected == 0 && report.unavailable == 0,
+        "not every event was accepted"
+    );
     Ok(())
 }
 
@@ -155,6 +159,10 @@ pub struct DemoArgs {
     /// Keep the APIs and metrics up after the table, until Ctrl-C.
     #[arg(long)]
     serve: bool,
+    /// Also write each role's final /metrics text to DIR/<role>-<n>.prom (CI lints them
+    /// with `promtool check metrics`).
+    #[arg(long, value_name = "DIR")]
+    metrics_dir: Option<PathBuf>,
 }
 
 pub async fn demo(config: Config, args: DemoArgs) -> anyhow::Result<()> {
@@ -166,6 +174,13 @@ pub async fn demo(config: Config, args: DemoArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let report = thena_demo::run(&config, &options).await?;
+    if let Some(dir) = &args.metrics_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (n, (role, text)) in report.metrics.iter().enumerate() {
+            let path = dir.join(format!("{role}-{n}.prom"));
+            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
     if !args.serve {
         println!("{report}");
     }

@@ -28,6 +28,8 @@ pub struct DemoReport {
     pub counters: BTreeMap<(String, String), u64>,
     pub vitally_calls: BTreeMap<String, u64>,
     pub urls: Vec<String>,
+    /// Each role's `/metrics` text at the end of the run: (role, Prometheus text format).
+    pub metrics: Vec<(String, String)>,
 }
 
 impl DemoReport {
@@ -76,6 +78,7 @@ impl DemoReport {
             counters,
             vitally_calls: calls.by_route.clone(),
             urls: Vec::new(),
+            metrics: Vec::new(),
         }
     }
 

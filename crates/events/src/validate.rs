@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use chrono::DateTime;
+use chrono::{DateTime, Datelike};
 use serde_json::{Map, Value};
 
 use crate::model::{RequestChanged, SCHEMA_V1};
@@ -224,14 +224,20 @@ impl Validator<'_> {
         match value {
             None | Some(Value::Null) if required => self.push(path, "is required"),
             None | Some(Value::Null) => {}
-            Some(Value::String(s)) => {
-                if DateTime::parse_from_rfc3339(s).is_err() {
-                    self.push(
-                        path,
-                        format!("must be an RFC 3339 timestamp with a zone, got {s:?}"),
-                    );
-                }
-            }
+            Some(Value::String(s)) => match DateTime::parse_from_rfc3339(s) {
+                Err(_) => self.push(
+                    path,
+                    format!("must be an RFC 3339 timestamp with a zone, got {s:?}"),
+                ),
+                // Events are stored and published in UTC: an offset can push a time at the
+                // edge of RFC 3339's years past them, and the published event is then no
+                // longer valid (found by fuzzing, see docs/fuzzing.md).
+                Ok(time) if !(0..=9999).contains(&time.naive_utc().year()) => self.push(
+                    path,
+                    format!("must be within the years 0000 to 9999 in UTC, got {s:?}"),
+                ),
+                Ok(_) => {}
+            },
             Some(other) => self.push(
                 path,
                 format!("must be an RFC 3339 timestamp string, got {}", kind(other)),
@@ -345,7 +351,8 @@ impl Validator<'_> {
     }
 
     fn ai_tags(&mut self, value: Option<&Value>) {
-        let Some(value) = value.filter(|v| !v.is_null()) else {
+        // Absent means empty, but `null` is refused, as by the schema and by serde.
+        let Some(value) = value else {
             return;
         };
         let Some(tags) = value.as_array() else {
@@ -375,7 +382,8 @@ impl Validator<'_> {
     }
 
     fn thread(&mut self, path: &str, value: Option<&Value>) {
-        let Some(value) = value.filter(|v| !v.is_null()) else {
+        // Absent means empty, but `null` is refused, as by the schema and by serde.
+        let Some(value) = value else {
             return;
         };
         let Some(messages) = value.as_array() else {
@@ -436,7 +444,8 @@ impl Validator<'_> {
     }
 
     fn custom_fields(&mut self, value: Option<&Value>) {
-        let Some(value) = value.filter(|v| !v.is_null()) else {
+        // Absent means empty, but `null` is refused, as by the schema and by serde.
+        let Some(value) = value else {
             return;
         };
         let Some(fields) = self.object("request.custom_fields", value) else {

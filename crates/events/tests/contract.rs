@@ -248,3 +248,78 @@ fn the_checked_in_json_schema_matches_the_types() {
         "docs/event.schema.json is out of date: run `UPDATE_SCHEMA=1 cargo test -p thena-events`"
     );
 }
+
+#[test]
+fn a_null_list_or_map_is_a_problem_at_its_path_not_a_bare_decode_error() {
+    // Found by fuzzing (docs/fuzzing.md): `"ai_tags": null` passed validation, then serde
+    // refused it with only "$: invalid type: null, expected a sequence".
+    for (field, expected) in [
+        (
+            "ai_tags",
+            "request.ai_tags: must be an array of strings, got null",
+        ),
+        (
+            "customer_thread",
+            "request.customer_thread: must be an array of messages, got null",
+        ),
+        (
+            "internal_thread",
+            "request.internal_thread: must be an array of messages, got null",
+        ),
+        (
+            "custom_fields",
+            "request.custom_fields: must be an object, got null",
+        ),
+    ] {
+        let problems = problems_after(|e| e["request"][field] = Value::Null);
+        assert_eq!(problems, [expected], "{field}");
+        // Absent still means empty.
+        assert_eq!(
+            problems_after(|e| {
+                e["request"].as_object_mut().unwrap().remove(field);
+            }),
+            Vec::<String>::new(),
+            "{field} absent"
+        );
+    }
+}
+
+#[test]
+fn a_time_whose_offset_moves_it_outside_years_0000_to_9999_in_utc_is_refused() {
+    // Found by fuzzing (docs/fuzzing.md): these are valid RFC 3339, but the event is kept
+    // in UTC, so it was accepted and then published as "+10000-01-01T00:59:59Z" or
+    // "-0001-12-31T23:00:00Z", which no longer passes validation.
+    for (path, time) in [
+        ("occurred_at", "9999-12-31T23:59:59-01:00"),
+        ("occurred_at", "0000-01-01T00:00:00+01:00"),
+        ("request.closed_at", "9999-12-31T23:59:59-00:01"),
+    ] {
+        let problems = problems_after(|e| match path.split_once('.') {
+            Some((outer, inner)) => e[outer][inner] = json!(time),
+            None => e[path] = json!(time),
+        });
+        assert_eq!(
+            problems,
+            [format!(
+                "{path}: must be within the years 0000 to 9999 in UTC, got {time:?}"
+            )],
+        );
+    }
+    // The edges themselves, in UTC or with an offset that stays inside, are fine.
+    for time in [
+        "0000-01-01T00:00:00Z",
+        "0000-01-01T00:00:00-01:00",
+        "9999-12-31T23:59:59Z",
+        "9999-12-31T23:59:59+01:00",
+    ] {
+        let mut event = valid();
+        event["occurred_at"] = json!(time);
+        let parsed = parse_value(event, &Limits::default()).unwrap();
+        let again = serde_json::to_vec(&parsed).unwrap();
+        assert_eq!(
+            parse_event(&again, &Limits::default()).unwrap(),
+            parsed,
+            "{time}"
+        );
+    }
+}

@@ -178,7 +178,8 @@ pub async fn demo(config: Config, args: DemoArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for (n, (role, text)) in report.metrics.iter().enumerate() {
             let path = dir.join(format!("{role}-{n}.prom"));
-            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::write(&path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
         }
     }
     if !args.serve {

@@ -1,8 +1,10 @@
 //! Integration tests over the wire: real RabbitMQ and Redis on this machine, the
 //! project's fake Vitally over real HTTP, consumers built as the binary builds them.
 
+mod chaos;
 mod consumer;
 mod delivery;
 mod demo;
+mod docs;
 mod manifests;
 mod support;

@@ -122,8 +122,14 @@ pub async fn run(base: &Config, options: &DemoOptions) -> anyhow::Result<DemoRep
     };
     for (endpoint, registry) in endpoints.iter().zip(&registries) {
         let mut text = Vec::new();
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &registry.gather(), &mut text)?;
-        report.metrics.push((endpoint.role.to_string(), String::from_utf8(text)?));
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut text,
+        )?;
+        report
+            .metrics
+            .push((endpoint.role.to_string(), String::from_utf8(text)?));
     }
     report.urls = endpoints
         .iter()

@@ -90,6 +90,11 @@ pub const VARIABLES: &[Var] = &[
         "Time to finish in-flight events after SIGTERM (keep below terminationGracePeriodSeconds)",
     ),
     var(
+        "REQUEST_LOCK_TTL",
+        "60s",
+        "Lifetime of a request lock: a crashed consumer's lock frees itself after this; one event's work is cut off at 3/4 of it",
+    ),
+    var(
         "RATE_LIMIT_MAX_WAIT",
         "500ms",
         "Longest a consumer waits for an integration's budget before deferring the event",
@@ -195,6 +200,7 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
     pub shutdown_grace: Duration,
     pub max_rate_wait: Duration,
+    pub request_lock_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -313,6 +319,7 @@ impl Config {
                 prefetch: positive(&parsed, "CONSUMER_PREFETCH")?,
                 shutdown_grace: duration(&parsed, "SHUTDOWN_GRACE")?,
                 max_rate_wait: duration(&parsed, "RATE_LIMIT_MAX_WAIT")?,
+                request_lock_ttl: duration(&parsed, "REQUEST_LOCK_TTL")?,
             },
             cache: CacheSettings {
                 user_ttl: duration(&parsed, "CACHE_TTL_USER")?,

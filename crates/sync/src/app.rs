@@ -21,9 +21,6 @@ use crate::{
     worker::{Worker, WorkerSettings},
 };
 
-/// How long a consumer may hold a request's lock: beyond any single event's Vitally calls.
-const REQUEST_LOCK_TTL: Duration = Duration::from_secs(60);
-
 /// A ready-to-run consumer with its metrics registered in `registry`.
 pub async fn build_worker(
     config: &Config,
@@ -55,7 +52,11 @@ pub async fn build_worker(
         http,
         limiter,
         cache: Cache::new(redis.clone(), &config.redis_prefix, metrics.clone()),
-        guards: RequestGuards::new(redis, &config.redis_prefix, REQUEST_LOCK_TTL),
+        guards: RequestGuards::new(
+            redis,
+            &config.redis_prefix,
+            config.consumer.request_lock_ttl,
+        ),
         settings: PipelineSettings {
             user_ttl: config.cache.user_ttl,
             negative_ttl: config.cache.negative_ttl,
@@ -66,6 +67,7 @@ pub async fn build_worker(
             textarea_limit: config.vitally.textarea_limit,
             max_rate_wait: config.consumer.max_rate_wait,
             lock_wait: Duration::from_secs(2),
+            lock_ttl: config.consumer.request_lock_ttl,
         },
         metrics: metrics.clone(),
     };

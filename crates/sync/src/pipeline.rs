@@ -49,6 +49,8 @@ pub struct PipelineSettings {
     pub max_rate_wait: Duration,
     /// Longest wait for another consumer to finish with the same request.
     pub lock_wait: Duration,
+    /// Lifetime of a request lock; one event's work is cut off at 3/4 of it.
+    pub lock_ttl: Duration,
 }
 
 /// Everything the pipeline talks to, shared by all in-flight events.
@@ -79,6 +81,8 @@ enum StepError {
         reason: &'static str,
         error: String,
     },
+    /// The event's work outlasted its share of the request lock.
+    LeaseExpired(Duration),
 }
 
 impl StepError {
@@ -121,6 +125,10 @@ impl StepError {
             StepError::Permanent { reason, error } => Outcome::Park {
                 reason: reason.into(),
                 error,
+            },
+            StepError::LeaseExpired(lease) => Outcome::Retry {
+                reason: "lock_lease_expired".into(),
+                error: format!("the event's work took longer than {lease:?}"),
             },
         }
     }
@@ -242,7 +250,14 @@ impl Pipeline {
         else {
             return Err(StepError::Busy);
         };
-        let result = self.locked(event, &integration, may_update).await;
+        // Bounded well inside the lock's lifetime: past it another consumer could take the
+        // lock and, for a new request, create a second instance.
+        let lease = self.settings.lock_ttl.mul_f64(0.75);
+        let result =
+            match tokio::time::timeout(lease, self.locked(event, &integration, may_update)).await {
+                Ok(result) => result,
+                Err(_) => Err(StepError::LeaseExpired(lease)),
+            };
         self.guards.release(lock).await;
         result
     }
@@ -276,7 +291,11 @@ impl Pipeline {
             workspace: ws,
             budget: integration.rate_budget_per_min,
             max_wait: self.settings.max_rate_wait,
-            in_event_wait: self.settings.max_rate_wait.max(IN_EVENT_WAIT),
+            // Never so long that the event outlives its lock lease.
+            in_event_wait: self
+                .settings
+                .max_rate_wait
+                .max(IN_EVENT_WAIT.min(self.settings.lock_ttl / 8)),
             started: AtomicBool::new(false),
         };
         let target = match self.resolve_target(&session, event).await? {
@@ -321,9 +340,14 @@ impl Pipeline {
                 .record_version(ws, event.request.id, event.request.version)
                 .await
         {
-            // Vitally has it; a lost version only costs a redundant update later.
+            // Vitally has this version, but an older one still in flight (a retry, a replay)
+            // would not know and overwrite it. Retry: re-applying is idempotent, and once
+            // Redis is back the version is recorded, so the newest always wins in the end.
             self.metrics.redis_error("record_version");
-            tracing::warn!(error = %e, "synced, but could not record the version");
+            return Err(StepError::Redis(format!(
+                "synced, but could not record version {}: {e}",
+                event.request.version
+            )));
         }
         Ok(outcome)
     }

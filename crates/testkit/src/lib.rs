@@ -5,6 +5,8 @@
 //! behind (cleanup runs on drop, even when the test panics). Waiting is always for a
 //! condition with a deadline ([`wait_until`]), never a fixed sleep.
 
+pub mod proxy;
+
 use std::{future::Future, time::Duration};
 
 use redis::AsyncCommands;
@@ -83,6 +85,8 @@ impl TestEnv {
             ("HTTP_ADDR", "127.0.0.1:0".into()),
             ("SHUTDOWN_GRACE", "5s".into()),
             ("INTEGRATION_REFRESH", "200ms".into()),
+            // A killed consumer's locks free themselves within seconds, not a minute.
+            ("REQUEST_LOCK_TTL", "8s".into()),
         ]
     }
 

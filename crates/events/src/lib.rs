@@ -9,7 +9,9 @@ mod validate;
 pub mod sample;
 
 pub use model::{Change, Request, RequestChanged, Requestor, SCHEMA_V1, ThreadMessage};
-pub use validate::{Limits, Problem, ValidationError, parse_event, parse_value, validate_value};
+pub use validate::{
+    Limits, Problem, ValidationError, kind as json_kind, parse_event, parse_value, validate_value,
+};
 
 /// Decodes an event taken off the queue. Producers already validated it strictly, so this
 /// only needs the shape; unknown fields (a newer producer) are ignored.

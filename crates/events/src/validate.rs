@@ -494,7 +494,8 @@ fn join(prefix: &str, key: &str) -> String {
     }
 }
 
-fn kind(value: &Value) -> &'static str {
+/// "a string", "an array", …: how a JSON value is named in a problem message.
+pub fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

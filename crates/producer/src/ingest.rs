@@ -120,7 +120,7 @@ pub fn decode(
             Ok(other) => {
                 return Err(Rejection::Malformed(vec![whole_body(format!(
                     "must be an event object or an array of events, got {}",
-                    kind(&other)
+                    thena_events::json_kind(&other)
                 ))]));
             }
             Err(e) => {
@@ -185,17 +185,6 @@ fn whole_body(message: impl Into<String>) -> EventProblem {
         line: None,
         path: "$".into(),
         message: message.into(),
-    }
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

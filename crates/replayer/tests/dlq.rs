@@ -1,5 +1,6 @@
 //! The `dlq` operations against the real local RabbitMQ.
 
+#[path = "../../broker/tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};

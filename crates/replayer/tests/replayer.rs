@@ -1,5 +1,6 @@
 //! The replayer role against the real local RabbitMQ, with millisecond delay tiers.
 
+#[path = "../../broker/tests/common/mod.rs"]
 mod common;
 
 use std::time::Duration;

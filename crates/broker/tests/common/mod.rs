@@ -1,5 +1,6 @@
 //! Helpers for tests against the real local RabbitMQ: a unique topology per test, and
-//! polling reads with a deadline (no fixed sleeps).
+//! polling reads with a deadline (no fixed sleeps). The replayer's tests include this
+//! file too (`#[path]`), so both crates test with one harness.
 
 #![allow(dead_code)]
 
@@ -32,9 +33,13 @@ pub fn test_topology() -> Topology {
 }
 
 pub async fn connect(topology: Topology) -> Broker {
-    Broker::connect(SecretString::from(amqp_url()), "broker-tests", topology)
-        .await
-        .expect("local RabbitMQ is reachable")
+    Broker::connect(
+        SecretString::from(amqp_url()),
+        "thena-broker-tests",
+        topology,
+    )
+    .await
+    .expect("local RabbitMQ is reachable")
 }
 
 pub async fn cleanup(broker: &Broker) {
@@ -109,4 +114,22 @@ pub fn header(message: &BasicGetMessage, key: &str) -> Option<String> {
         .headers()
         .as_ref()
         .and_then(|h| thena_broker::header_str(h, key))
+}
+
+/// Polls `check` until it holds or `deadline` passes.
+pub async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }

@@ -440,8 +440,21 @@ fn duration_list(get: &Lookup<'_>, name: &'static str) -> Result<Vec<Duration>, 
     if tiers.is_empty() || tiers.iter().any(Duration::is_zero) {
         return Err(invalid(name, "needs at least one non-zero duration"));
     }
+    if tiers.windows(2).any(|pair| pair[0] >= pair[1]) {
+        return Err(invalid(name, "tiers must grow strictly, e.g. 5s,30s,2m,4m"));
+    }
+    // A retry at most this far apart keeps "synced within 10 minutes of a fault ending".
+    if tiers.iter().any(|tier| *tier > MAX_RETRY_TIER) {
+        return Err(invalid(
+            name,
+            "a tier above 5m would break the 10-minute delivery promise",
+        ));
+    }
     Ok(tiers)
 }
+
+/// The longest delay tier the 10-minute promise allows (plus processing time).
+pub const MAX_RETRY_TIER: Duration = Duration::from_secs(300);
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, `7d` (a bare number means seconds).
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
@@ -567,6 +580,16 @@ mod tests {
                 "RETRY_TIERS",
                 "5s,0s",
                 "RETRY_TIERS is invalid: needs at least one non-zero duration",
+            ),
+            (
+                "RETRY_TIERS",
+                "30s,5s",
+                "RETRY_TIERS is invalid: tiers must grow strictly",
+            ),
+            (
+                "RETRY_TIERS",
+                "5s,10m",
+                "RETRY_TIERS is invalid: a tier above 5m would break",
             ),
             (
                 "LIMITER_FALLBACK_SHARE",

@@ -251,6 +251,97 @@ async fn latency_scaling(rows: &mut Vec<Row>) {
     }
 }
 
+/// Producer API → RabbitMQ → two consumers → fake Vitally, in one process: event age at a
+/// steady rate well below saturation, then events/s with the API fed as fast as it takes.
+async fn end_to_end(rows: &mut Vec<Row>, baseline: f64) {
+    let mut fleet = Fleet::start_with(
+        unthrottled_fake(),
+        &[
+            ("PRODUCER_TOKEN", "bench-token"),
+            ("CONSUMER_CONCURRENCY", "64"),
+        ],
+    )
+    .await;
+    let workspaces = connect_workspaces(&fleet, 100).await;
+    let registry = prometheus::Registry::new();
+    let state = thena_producer::from_config(&fleet.config, &registry, Default::default())
+        .await
+        .expect("producer");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let producer = tokio::spawn(thena_producer::run(listener, state, stop.clone()));
+    fleet.spawn_consumer().await;
+    fleet.spawn_consumer().await;
+    let token = secrecy::SecretString::from("bench-token");
+
+    // Steady: 100 events/s for 10 s, one per request, spread over the workspaces.
+    let steady: Vec<_> = (0..1_000u64)
+        .map(|i| sample::event(&workspaces[(i % 100) as usize], 1 + i / 100, 1, EMAIL))
+        .collect();
+    let report = thena_producer::emit::emit_http(&api, &token, &steady, 100, 1)
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, 1_000);
+    fleet
+        .wait_settled_within(1_000, Duration::from_secs(60))
+        .await;
+    let mut ages: Vec<f64> = steady
+        .iter()
+        .map(|e| {
+            let instance = &fleet.instances_for(&e.workspace_id, e.request.id)[0];
+            (instance.created_at - e.occurred_at).num_milliseconds() as f64 / 1000.0
+        })
+        .collect();
+    ages.sort_by(f64::total_cmp);
+    let pct = |p: f64| ages[((ages.len() as f64 - 1.0) * p).round() as usize];
+    rows.push(row(
+        "end to end at a steady 100 events/s: p50 event age",
+        pct(0.5),
+        "s",
+        "producer API → RabbitMQ → 2 consumers → Vitally 2xx",
+    ));
+    rows.push(row(
+        "end to end at a steady 100 events/s: p99 event age",
+        pct(0.99),
+        "s",
+        "1000 new requests over 100 workspaces",
+    ));
+
+    // Saturated: updates of the same requests, posted in batches of 50 as fast as accepted.
+    let burst: Vec<_> = steady
+        .iter()
+        .map(|e| sample::event(&e.workspace_id, e.request.id, 2, EMAIL))
+        .collect();
+    let start = Instant::now();
+    let report = thena_producer::emit::emit_http(&api, &token, &burst, 0, 50)
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, 1_000);
+    fleet
+        .wait_settled_within(2_000, Duration::from_secs(60))
+        .await;
+    let rate = 1_000.0 / start.elapsed().as_secs_f64();
+    rows.push(row(
+        "end to end, API fed as fast as it accepts (updates)",
+        rate,
+        "events/s",
+        format!(
+            "{:.3} × raw lapin consume; ingest and consume share the 2 cores",
+            rate / baseline
+        ),
+    ));
+    rows.push(row(
+        "process RSS after the end-to-end runs",
+        rss_mib(),
+        "MiB",
+        "producer + 2 consumers + fake + harness",
+    ));
+    stop.cancel();
+    let _ = producer.await;
+    fleet.stop().await;
+}
+
 async fn calls_per_event(rows: &mut Vec<Row>) {
     let mut fleet = Fleet::start().await;
     fleet.connect(support::WS, |_| {}).await;
@@ -390,6 +481,7 @@ async fn main() {
         "same broker, same run",
     ));
     throughput(&mut rows, baseline).await;
+    end_to_end(&mut rows, baseline).await;
     calls_per_event(&mut rows).await;
     latency_scaling(&mut rows).await;
     noisy_neighbour(&mut rows).await;

@@ -279,6 +279,9 @@ async fn end_to_end(rows: &mut Vec<Row>, baseline: f64) {
     let steady: Vec<_> = (0..1_000u64)
         .map(|i| sample::event(&workspaces[(i % 100) as usize], 1 + i / 100, 1, EMAIL))
         .collect();
+    // The events were built up front; the emitter sends event i at start + i × 10 ms, so
+    // age is measured from that moment, not from the (earlier) occurred_at.
+    let emit_start = chrono::Utc::now();
     let report = thena_producer::emit::emit_http(&api, &token, &steady, 100, 1)
         .await
         .unwrap();
@@ -288,9 +291,11 @@ async fn end_to_end(rows: &mut Vec<Row>, baseline: f64) {
         .await;
     let mut ages: Vec<f64> = steady
         .iter()
-        .map(|e| {
+        .enumerate()
+        .map(|(i, e)| {
             let instance = &fleet.instances_for(&e.workspace_id, e.request.id)[0];
-            (instance.created_at - e.occurred_at).num_milliseconds() as f64 / 1000.0
+            let sent = emit_start + chrono::Duration::milliseconds(10 * i as i64);
+            (instance.created_at - sent).num_milliseconds() as f64 / 1000.0
         })
         .collect();
     ages.sort_by(f64::total_cmp);

@@ -251,6 +251,7 @@ async fn a_second_update_to_a_known_request_costs_exactly_one_vitally_call() {
     fleet.stop().await;
 }
 
+/// The in-process variant; `chaos.rs` SIGKILLs a consumer process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_consumer_mid_batch_loses_nothing() {
     let mut fleet = Fleet::start().await;

@@ -40,8 +40,9 @@ impl Consumer {
             .expect("consumer run");
     }
 
-    /// An abrupt death: the task is dropped mid-work, its connection goes with it, and
-    /// RabbitMQ redelivers whatever it had not acked.
+    /// An abrupt stop of the consume loop, without the graceful drain: prefetched but
+    /// unstarted deliveries go back to the queue. Deliveries already being processed
+    /// still finish; a real crash (SIGKILL of a consumer process) is in `chaos.rs`.
     pub async fn kill(self) {
         self.task.abort();
         let _ = self.task.await;

@@ -36,7 +36,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Fleet, WS};
+use crate::support::{Fleet, WS, status_of};
 
 /// Linked to an account: these requests must end up in Vitally.
 const LINKED: &str = "alice@acme.com";
@@ -490,15 +490,6 @@ impl Chaos {
         }
         self.fleet.stop().await;
     }
-}
-
-fn status_of(instance: &fake_vitally::Instance) -> String {
-    instance
-        .traits
-        .iter()
-        .find(|(k, _)| k.ends_with(".status"))
-        .and_then(|(_, v)| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 /// `host:port` of a service URL.

@@ -5,7 +5,7 @@ use thena_demo::customers::{Expect, PERSONAS};
 use thena_events::{Change, sample};
 use thena_testkit::wait_until;
 
-use crate::support::{Fleet, WS};
+use crate::support::{Fleet, WS, status_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_linking_case_lands_where_the_product_doc_says() {
@@ -116,14 +116,9 @@ async fn toggles_forward_only_and_thread_changes_decide_what_syncs() {
     assert_eq!(fleet.count("skipped", Some("before_integration")), 1);
     assert_eq!(fleet.count("skipped", Some("thread_only")), 1);
     let instance = &fleet.instances_for(WS, 1)[0];
-    let status = instance
-        .traits
-        .iter()
-        .find(|(k, _)| k.ends_with(".status"))
-        .map(|(_, v)| v.clone());
+    let status = status_of(instance);
     assert_eq!(
-        status,
-        Some(serde_json::json!("open")),
+        status, "open",
         "update_requests off left the instance alone"
     );
     assert!(fleet.instances_for("T-OFF", 2).is_empty());
@@ -150,12 +145,8 @@ async fn a_stale_version_never_overwrites_a_newer_one() {
     assert_eq!(fleet.count("skipped", Some("already_applied")), 1);
     let instances = fleet.instances_for(WS, 7);
     assert_eq!(instances.len(), 1);
-    let status = instances[0]
-        .traits
-        .iter()
-        .find(|(k, _)| k.ends_with(".status"))
-        .map(|(_, v)| v.clone());
-    assert_eq!(status, Some(serde_json::json!("closed")));
+    let status = status_of(&instances[0]);
+    assert_eq!(status, "closed");
     fleet.stop().await;
 }
 
@@ -211,14 +202,10 @@ async fn duplicates_and_racing_consumers_make_exactly_one_instance_at_the_latest
     for id in 0..requests {
         let instances = fleet.instances_for(WS, 100 + id);
         assert_eq!(instances.len(), 1, "request {id}: one instance");
-        let status = instances[0]
-            .traits
-            .iter()
-            .find(|(k, _)| k.ends_with(".status"))
-            .map(|(_, v)| v.clone());
+        let status = status_of(&instances[0]);
         assert_eq!(
             status,
-            Some(serde_json::json!(format!("v{versions}"))),
+            format!("v{versions}"),
             "request {id}: latest version"
         );
     }

@@ -258,3 +258,13 @@ impl Fleet {
         self.env.cleanup().await;
     }
 }
+
+/// The instance's Status trait (the tests write the version into it), or "" without one.
+pub fn status_of(instance: &fake_vitally::Instance) -> String {
+    instance
+        .traits
+        .iter()
+        .find(|(k, _)| k.ends_with(".status"))
+        .and_then(|(_, v)| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}

@@ -4,7 +4,7 @@
 //! Tables are append-only vectors (the API has no deletes), so a record's index is
 //! its creation order, which pagination relies on.
 
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
@@ -19,9 +19,19 @@ use crate::{
 };
 
 /// Vitally reports millisecond timestamps; truncating keeps the dump, the JSON and
-/// `updatedAt` cursors in agreement.
+/// `updatedAt` cursors in agreement. Each call is at least 1 ms after the previous one, so
+/// `updatedAt` order is write order even when two writes land in the same millisecond
+/// (a release build seeds and updates within one).
 pub(crate) fn now() -> DateTime<Utc> {
-    Utc::now().trunc_subsecs(3)
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST_MS: AtomicI64 = AtomicI64::new(0);
+    let wall = Utc::now().timestamp_millis();
+    let previous = LAST_MS
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+            Some(wall.max(last + 1))
+        })
+        .unwrap_or(wall);
+    DateTime::from_timestamp_millis(wall.max(previous + 1)).unwrap_or_else(Utc::now)
 }
 
 fn new_id() -> String {

@@ -47,6 +47,9 @@ enum Command {
     /// Connect, inspect and change Vitally integrations (one per Slack workspace).
     #[command(subcommand)]
     Integrations(integrations::IntegrationsCommand),
+    /// Create the PostgreSQL database if missing and apply the schema migrations (every
+    /// role also does this on start).
+    Migrate,
     /// Print every configuration variable with its current value (secrets redacted).
     Config,
 }
@@ -87,6 +90,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // lapin reports its own connections closing at the end as errors: noise here.
             telemetry::init_tracing(config.log_format, "warn,lapin=off");
             roles::demo(config, args).await
+        }
+        Command::Migrate => {
+            telemetry::init_tracing(config.log_format, "warn");
+            let db = thena_store::Db::new(&config.database_url, &config.database_schema)?;
+            let report = thena_store::migrate::run_creating(&db).await?;
+            match report.applied.as_slice() {
+                [] => println!(
+                    "schema {} is up to date (migration {})",
+                    config.database_schema, report.current
+                ),
+                applied => println!(
+                    "schema {}: applied migration(s) {applied:?}; now at {}",
+                    config.database_schema, report.current
+                ),
+            }
+            Ok(())
         }
         Command::Config => {
             print_config();

@@ -110,12 +110,17 @@ async fn a_429_storm_loses_nothing_and_counts_no_failed_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_error_parks_the_event_until_a_replay_after_the_fix_delivers_it_once() {
     let mut fleet = Fleet::start().await;
-    let integration = fleet.connect(WS, |_| {}).await;
+    fleet.connect(WS, |_| {}).await;
     // Someone broke the object in Vitally: our stored path for Status no longer exists,
     // so Vitally rejects the instance with a 400.
-    let mut broken = integration.clone();
-    broken.fields.get_mut("Status").unwrap().path = "vitally.custom.statusGone".into();
-    fleet.store.put(&broken).await.unwrap();
+    fleet
+        .store
+        .modify(WS, "test", "broken_by_test", |broken| {
+            broken.fields.get_mut("Status").unwrap().path = "vitally.custom.statusGone".into();
+            Ok::<_, vitally_client::integrations::StoreError>(())
+        })
+        .await
+        .unwrap();
     fleet.spawn_consumer().await;
     fleet.spawn_replayer().await;
     fleet

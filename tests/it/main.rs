@@ -3,6 +3,7 @@
 
 mod chaos;
 mod consumer;
+mod control;
 mod delivery;
 mod demo;
 mod docs;

@@ -57,6 +57,8 @@ pub struct Fleet {
     pub publisher: Publisher,
     pub broker: Broker,
     consumers: Vec<Consumer>,
+    /// Replayers live apart from consumers, so `take_consumer` never stops one.
+    replayers: Vec<Consumer>,
     /// Registries of consumers that were stopped or killed, so their counts still add up.
     retired: Vec<Registry>,
     /// When each (workspace, request) was first published: its `occurred_at`.
@@ -104,6 +106,7 @@ impl Fleet {
             publisher,
             broker,
             consumers: Vec::new(),
+            replayers: Vec::new(),
             retired: Vec::new(),
             published: Mutex::default(),
         }
@@ -111,28 +114,45 @@ impl Fleet {
 
     /// Connects workspace `ws` to the fake (provisioning the object), like an admin would.
     pub async fn connect(&self, ws: &str, tweak: impl FnOnce(&mut ConnectRequest)) -> Integration {
+        // One Vitally per workspace: any workspace but the main one gets a key of its own.
+        let auth_header = if ws == WS {
+            self.fake.auth_header()
+        } else {
+            let header = format!("Basic key-of-{ws}");
+            self.fake.add_auth_header(header.clone());
+            header
+        };
         let mut request = ConnectRequest {
             workspace_id: ws.to_string(),
             api_url: self.fake.base_url(),
-            auth_header: SecretString::from(self.fake.auth_header()),
+            auth_header: SecretString::from(auth_header),
             categories: vec!["Product".into()],
             push_requests: true,
             update_requests: true,
             sync_threads: false,
             auto_create_fields: false,
             rate_budget_per_min: 1_000,
+            established_at: None,
         };
         tweak(&mut request);
         let http =
             VitallyHttp::new(Duration::from_secs(5), VitallyMetrics::unregistered()).unwrap();
-        provision::connect(&http, &self.store, request)
+        provision::connect(&http, &self.store, request, "test")
             .await
             .expect("connect")
+            .integration
     }
 
     pub async fn spawn_consumer(&mut self) {
+        let config = self.config.clone();
+        self.spawn_consumer_with(&config, Readiness::new()).await;
+    }
+
+    /// A consumer built from another configuration (e.g. another key), reporting its
+    /// readiness to `readiness`.
+    pub async fn spawn_consumer_with(&mut self, config: &Config, readiness: Readiness) {
         let registry = Registry::new();
-        let worker = thena_sync::app::build_worker(&self.config, &registry, Readiness::new())
+        let worker = thena_sync::app::build_worker(config, &registry, readiness)
             .await
             .expect("consumer");
         let shutdown = CancellationToken::new();
@@ -163,7 +183,7 @@ impl Fleet {
             metrics,
             shutdown.clone(),
         ));
-        self.consumers.push(Consumer {
+        self.replayers.push(Consumer {
             registry,
             shutdown,
             task,
@@ -251,11 +271,44 @@ impl Fleet {
     }
 
     pub async fn stop(mut self) {
-        for consumer in self.consumers.drain(..) {
+        for consumer in self.consumers.drain(..).chain(self.replayers.drain(..)) {
             consumer.stop().await;
         }
         self.broker.close().await;
         self.env.cleanup().await;
+    }
+}
+
+/// An event whose Status trait carries its version (`v3`), so the final state shows
+/// which version won.
+pub fn versioned(ws: &str, request_id: u64, version: u64) -> RequestChanged {
+    let mut event = thena_events::sample::event(ws, request_id, version, Some("alice@acme.com"));
+    event.request.status = Some(format!("v{version}"));
+    event
+}
+
+/// Waits until every request has exactly one instance, at `v{version}`.
+pub async fn wait_all_at(fleet: &Fleet, ids: &[u64], version: u64, deadline: Duration) {
+    let want = format!("v{version}");
+    wait_until(
+        &format!("every request at exactly one instance at v{version}"),
+        deadline,
+        || async {
+            ids.iter()
+                .all(|id| {
+                    let instances = fleet.instances_for(WS, *id);
+                    instances.len() == 1 && status_of(&instances[0]) == want
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    for id in ids {
+        assert_eq!(
+            fleet.instances_for(WS, *id).len(),
+            1,
+            "request {id}: one instance"
+        );
     }
 }
 

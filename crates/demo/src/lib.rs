@@ -151,13 +151,14 @@ pub async fn run(base: &Config, options: &DemoOptions) -> anyhow::Result<DemoRep
     Ok(report)
 }
 
-/// The environment's configuration, isolated for this run: its own queues and Redis
-/// keys (so it never touches a real deployment on the same broker), local listeners,
+/// The environment's configuration, isolated for this run: its own queues, Redis
+/// keys and PostgreSQL schema (so it never touches a real deployment on the same broker), local listeners,
 /// and throwaway secrets where none are configured.
 fn demo_config(base: &Config, run_id: &str) -> anyhow::Result<Config> {
     let mut config = base.clone();
     config.name_prefix = format!("demo-{run_id}");
     config.redis_prefix = format!("demo-{run_id}");
+    config.database_schema = format!("demo_{}", run_id.to_ascii_lowercase().replace('-', "_"));
     config.retry.tiers = vec![
         Duration::from_millis(500),
         Duration::from_secs(1),
@@ -326,8 +327,16 @@ async fn stop(
     let _ = replayer.await;
 }
 
-/// Removes the run's queues, exchanges and Redis keys.
+/// Removes the run's queues, exchanges, Redis keys and PostgreSQL schema.
 async fn cleanup(config: &Config) {
+    match thena_store::Db::new(&config.database_url, &config.database_schema) {
+        Ok(db) => {
+            if let Err(e) = db.drop_schema().await {
+                tracing::warn!(error = %e, "could not drop the demo's PostgreSQL schema");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not drop the demo's PostgreSQL schema"),
+    }
     let topology = Topology::from_config(config);
     if let Ok(broker) = thena_broker::Broker::connect(
         config.amqp_url.clone(),

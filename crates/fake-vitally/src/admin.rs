@@ -27,7 +27,10 @@ pub(crate) fn routes() -> Router<FakeVitally> {
         .route("/_fake/calls", get(calls).delete(reset_calls))
         .route("/_fake/faults", post(inject).delete(clear_faults))
         .route("/_fake/rate-limit", put(rate_limit))
-        .route("/_fake/auth-headers", post(add_auth_header))
+        .route(
+            "/_fake/auth-headers",
+            post(add_auth_header).put(rotate_auth_header),
+        )
         .route("/_fake/healthz", get(healthz))
 }
 
@@ -101,6 +104,19 @@ async fn add_auth_header(
         return Err(bad_request("header must not be empty"));
     }
     fake.add_auth_header(body.header);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /_fake/auth-headers {"header": …}`: the customer rotated the key in Vitally;
+/// only this header is accepted from now on.
+async fn rotate_auth_header(
+    State(fake): State<FakeVitally>,
+    JsonBody(body): JsonBody<AuthHeaderBody>,
+) -> Result<StatusCode, ApiError> {
+    if body.header.trim().is_empty() {
+        return Err(bad_request("header must not be empty"));
+    }
+    fake.rotate_auth_header(body.header);
     Ok(StatusCode::NO_CONTENT)
 }
 

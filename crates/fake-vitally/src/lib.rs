@@ -26,7 +26,8 @@
 //! | `POST /_fake/faults` | [`Fault`] | 204, or 400 (status outside 400..=599) |
 //! | `DELETE /_fake/faults` | | 204 |
 //! | `PUT /_fake/rate-limit` | `{"limit": 5, "window_ms": 1000}` | 204 |
-//! | `POST /_fake/auth-headers` | `{"header": "Basic ..."}` | 204 |
+//! | `POST /_fake/auth-headers` | `{"header": "Basic ..."}` | 204 (also accept it) |
+//! | `PUT /_fake/auth-headers` | `{"header": "Basic ..."}` | 204 (a key rotation: accept only it) |
 //! | `GET /_fake/healthz` | | 200 `{"status": "ok"}` |
 
 mod admin;
@@ -220,6 +221,12 @@ impl FakeVitally {
         if !headers.contains(&header) {
             headers.push(header);
         }
+    }
+
+    /// A key rotation in Vitally: `header` is accepted from now on, every other one is
+    /// rejected with 401.
+    pub fn rotate_auth_header(&self, header: String) {
+        *lock(&self.shared.auth_headers) = vec![header];
     }
 
     /// All custom object instances, in creation order.

@@ -255,6 +255,38 @@ async fn an_added_auth_header_is_accepted_and_rate_limited_on_its_own() {
 }
 
 #[tokio::test]
+async fn a_rotated_key_rejects_the_old_header_and_accepts_the_new_one() {
+    let h = Harness::start().await;
+    assert_eq!(h.get(ORGS).await.status, 200);
+    let old = h.fake.auth_header();
+    let new = "Basic bmV3LWtleTo=";
+    let rotated = h
+        .admin(
+            Method::PUT,
+            "/_fake/auth-headers",
+            Some(json!({"header": new})),
+        )
+        .await;
+    assert_eq!(rotated.status, 204);
+    let with_old = h
+        .send(h.http.get(h.url(ORGS)).header("Authorization", old))
+        .await;
+    assert_eq!(with_old.status, 401, "the old header is revoked");
+    let with_new = h
+        .send(h.http.get(h.url(ORGS)).header("Authorization", new))
+        .await;
+    assert_eq!(with_new.status, 200, "{}", with_new.body);
+    let empty = h
+        .admin(
+            Method::PUT,
+            "/_fake/auth-headers",
+            Some(json!({"header": " "})),
+        )
+        .await;
+    assert_eq!(empty.status, 400);
+}
+
+#[tokio::test]
 async fn an_unknown_resource_path_is_a_404_only_after_authentication() {
     let h = Harness::start().await;
     assert_eq!(

@@ -20,12 +20,11 @@ use thena_runtime::ops::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use vitally_client::{
-    client::VitallyHttp, crypto::SecretCipher, integrations::IntegrationStore,
-    metrics::VitallyMetrics,
+    client::VitallyHttp, crypto::KeyRing, integrations::IntegrationStore, metrics::VitallyMetrics,
 };
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
+const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/thena_vitally";
 const TOKEN: &str = "bench-token";
 const IN_FLIGHT: usize = 8;
 const SINGLE_EVENTS: usize = 2_000;
@@ -50,11 +49,10 @@ async fn main() -> anyhow::Result<()> {
     let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let topology = Topology::new(prefix.clone());
     let broker = Broker::connect(AMQP_URL.into(), "producer-bench", topology.clone()).await?;
-    let redis = redis::Client::open(REDIS_URL)?
-        .get_connection_manager()
-        .await?;
-    let cipher = SecretCipher::from_key(&SecretString::from("ab".repeat(32)))?;
-    let integrations = IntegrationStore::new(redis, &prefix, cipher);
+    // Ingest never reads integrations: a pool that is never connected is enough.
+    let db = thena_store::Db::new(&SecretString::from(DATABASE_URL), "bench_unused")?;
+    let keys = KeyRing::single(&SecretString::from("ab".repeat(32)))?;
+    let integrations = IntegrationStore::new(db, keys);
     let shutdown = CancellationToken::new();
     // The default publisher (8 confirm channels) and a wider one, to show where the
     // batched path's ceiling comes from.

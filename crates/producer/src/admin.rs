@@ -1,12 +1,13 @@
 //! The integration admin API: connect a workspace to Vitally, read (redacted), change
-//! toggles, disconnect. The Vitally auth header goes in, never out.
+//! settings, disconnect, read the history. The Vitally auth header goes in, never out.
 
 use axum::{
     Json,
-    extract::{Path, State, rejection::JsonRejection},
+    extract::{Path, Query, State, rejection::JsonRejection},
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
+use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -21,9 +22,8 @@ use crate::{
     error::{ApiError, bad_json},
 };
 
-/// Default Vitally budget of a new integration: well under the 1000/min a key allows,
-/// since the customer's other tools share that key.
-pub(crate) const DEFAULT_RATE_BUDGET_PER_MIN: u32 = 600;
+/// Who changed an integration through this API, in its history.
+const ACTOR: &str = "admin-api";
 
 /// `POST /v1/integrations`. `Debug` (derived through `SecretString`) redacts the header.
 #[derive(Debug, Deserialize)]
@@ -43,20 +43,21 @@ pub(crate) struct ConnectBody {
     sync_threads: bool,
     #[serde(default)]
     auto_create_fields: bool,
-    #[serde(default = "default_budget")]
-    rate_budget_per_min: u32,
+    /// `VITALLY_BUDGET_PER_MIN` when absent.
+    #[serde(default)]
+    rate_budget_per_min: Option<u32>,
+    /// The start of forward-only sync; absent keeps the earlier record's, or "now".
+    #[serde(default)]
+    established_at: Option<DateTime<Utc>>,
 }
 
 fn on() -> bool {
     true
 }
 
-fn default_budget() -> u32 {
-    DEFAULT_RATE_BUDGET_PER_MIN
-}
-
-impl From<ConnectBody> for ConnectRequest {
-    fn from(body: ConnectBody) -> Self {
+impl ConnectBody {
+    fn into_request(self, default_budget: u32) -> ConnectRequest {
+        let body = self;
         ConnectRequest {
             workspace_id: body.workspace_id,
             api_url: body.api_url,
@@ -66,7 +67,8 @@ impl From<ConnectBody> for ConnectRequest {
             update_requests: body.update_requests,
             sync_threads: body.sync_threads,
             auto_create_fields: body.auto_create_fields,
-            rate_budget_per_min: body.rate_budget_per_min,
+            rate_budget_per_min: body.rate_budget_per_min.unwrap_or(default_budget),
+            established_at: body.established_at,
         }
     }
 }
@@ -80,6 +82,7 @@ pub(crate) struct TogglesBody {
     sync_threads: Option<bool>,
     auto_create_fields: Option<bool>,
     rate_budget_per_min: Option<u32>,
+    established_at: Option<DateTime<Utc>>,
 }
 
 impl From<TogglesBody> for Toggles {
@@ -90,6 +93,7 @@ impl From<TogglesBody> for Toggles {
             sync_threads: body.sync_threads,
             auto_create_fields: body.auto_create_fields,
             rate_budget_per_min: body.rate_budget_per_min,
+            established_at: body.established_at,
         }
     }
 }
@@ -100,22 +104,22 @@ pub(crate) async fn connect(
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| bad_json(&e))?;
     let workspace_id = body.workspace_id.clone();
-    let existed = state
-        .integrations()
-        .get(&workspace_id)
-        .await
-        .map_err(|e| store_error(&e))?
-        .is_some();
-    let integration = provision::connect(state.vitally(), state.integrations(), body.into())
+    let request = body.into_request(state.config().default_budget_per_min);
+    let connected = provision::connect(state.vitally(), state.integrations(), request, ACTOR)
         .await
         .map_err(|e| connect_error(&e))?;
-    tracing::info!(workspace_id = %workspace_id, reconnect = existed, "integration connected");
-    let status = if existed {
-        StatusCode::OK
-    } else {
+    tracing::info!(workspace_id = %workspace_id, action = connected.action, "integration connected");
+    let status = if connected.action == "connected" {
         StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
-    let mut response = (status, Json(integration.redacted())).into_response();
+    let mut record = connected.integration.redacted();
+    if let Some(record) = record.as_object_mut() {
+        record.insert("object".into(), json!(connected.object));
+        record.insert("traits_added".into(), json!(connected.traits_added));
+    }
+    let mut response = (status, Json(record)).into_response();
     if let Ok(location) = HeaderValue::from_str(&format!("/v1/integrations/{workspace_id}")) {
         response.headers_mut().insert(header::LOCATION, location);
     }
@@ -123,12 +127,11 @@ pub(crate) async fn connect(
 }
 
 pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let integrations = state
+    let redacted = state
         .integrations()
-        .list()
+        .views()
         .await
         .map_err(|e| store_error(&e))?;
-    let redacted: Vec<Value> = integrations.iter().map(|i| i.redacted()).collect();
     Ok(Json(json!({ "integrations": redacted })))
 }
 
@@ -153,18 +156,57 @@ pub(crate) async fn patch_toggles(
     body: Result<Json<TogglesBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(body) = body.map_err(|e| bad_json(&e))?;
-    let integration = provision::set_toggles(state.integrations(), &workspace_id, body.into())
+    let (integration, changes) =
+        provision::set_toggles(state.integrations(), &workspace_id, body.into(), ACTOR)
+            .await
+            .map_err(|e| connect_error(&e))?;
+    tracing::info!(workspace_id = %workspace_id, %changes, "integration settings changed");
+    let mut record = integration.redacted();
+    if let Some(record) = record.as_object_mut() {
+        record.insert("changes".into(), changes);
+    }
+    Ok(Json(record))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryQuery {
+    limit: Option<i64>,
+}
+
+/// `GET /v1/integrations/{workspace_id}/history`: newest `limit` changes (default 100,
+/// at most 1000), oldest first.
+pub(crate) async fn history(
+    State(state): State<AppState>,
+    Path(workspace_id): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let entries = state
+        .integrations()
+        .history(&workspace_id, limit)
         .await
-        .map_err(|e| connect_error(&e))?;
-    tracing::info!(workspace_id = %workspace_id, "integration toggles changed");
-    Ok(Json(integration.redacted()))
+        .map_err(|e| store_error(&e))?;
+    if entries.is_empty() {
+        return Err(not_connected(&workspace_id));
+    }
+    Ok(Json(
+        json!({ "workspace_id": workspace_id, "history": entries }),
+    ))
 }
 
 pub(crate) async fn disconnect(
     State(state): State<AppState>,
     Path(workspace_id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let removed = provision::disconnect(state.integrations(), &workspace_id)
+    let removed = provision::disconnect(state.integrations(), &workspace_id, ACTOR)
         .await
         .map_err(|e| connect_error(&e))?;
     if removed {
@@ -198,6 +240,10 @@ fn connect_error(error: &ConnectError) -> ApiError {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message).with("vitally_status", *status)
         }
         ConnectError::NotConnected(_) => ApiError::new(StatusCode::NOT_FOUND, message),
+        ConnectError::AlreadyConnected { workspace } => {
+            ApiError::new(StatusCode::CONFLICT, message)
+                .with("connected_workspace", workspace.clone())
+        }
         ConnectError::Unreachable { .. } | ConnectError::Provisioning { .. } => {
             ApiError::new(StatusCode::BAD_GATEWAY, message)
         }
@@ -216,11 +262,11 @@ fn connect_error(error: &ConnectError) -> ApiError {
     }
 }
 
-/// Store details (Redis errors) are logged, not returned: they describe our insides.
+/// Store details (database errors) are logged, not returned: they describe our insides.
 fn store_error(error: &StoreError) -> ApiError {
     tracing::error!(error = %error, "integration store failed");
     match error {
-        StoreError::Redis(_) => ApiError::new(
+        StoreError::Db(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "integration store unavailable",
         )
@@ -265,6 +311,12 @@ mod tests {
             StatusCode::NOT_FOUND
         );
         assert_eq!(
+            status(ConnectError::AlreadyConnected {
+                workspace: "T0".into()
+            }),
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
             status(ConnectError::Unreachable {
                 url: "http://x".into(),
                 reason: "refused".into()
@@ -303,10 +355,11 @@ mod tests {
         }))
         .unwrap();
         assert!(!format!("{body:?}").contains("c2VjcmV0LWtleTo"));
-        let request = ConnectRequest::from(body);
+        let request = body.into_request(600);
         assert!(request.push_requests && request.update_requests);
         assert!(!request.sync_threads && !request.auto_create_fields);
-        assert_eq!(request.rate_budget_per_min, DEFAULT_RATE_BUDGET_PER_MIN);
+        assert_eq!(request.rate_budget_per_min, 600);
+        assert_eq!(request.established_at, None);
 
         let unknown = serde_json::from_value::<ConnectBody>(json!({
             "workspace_id": "T1", "api_url": "x", "auth_header": "y", "push": true

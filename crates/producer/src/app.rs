@@ -19,7 +19,7 @@ use crate::{
     OPENAPI_JSON, admin, auth, config::ProducerConfig, error, ingest, metrics::IngestMetrics,
 };
 
-/// How often the "broker" readiness check is refreshed.
+/// How often the "broker" and "postgres" readiness checks are refreshed.
 const READINESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The I/O handles the producer uses; built by the caller (the binary or a test).
@@ -99,6 +99,7 @@ pub async fn from_config(
     use anyhow::Context;
     let mut producer = ProducerConfig::new(config.require_producer_token()?);
     producer.body_limit = config.ingest_body_limit;
+    producer.default_budget_per_min = config.vitally.default_budget_per_min;
     producer.validate()?;
     let broker = Broker::connect(
         config.amqp_url.clone(),
@@ -139,6 +140,10 @@ pub fn router(state: AppState) -> Router {
             get(admin::get_one)
                 .patch(admin::patch_toggles)
                 .delete(admin::disconnect),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/history",
+            get(admin::history),
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -204,6 +209,8 @@ async fn watch_broker(state: AppState, shutdown: CancellationToken) {
             _ = tick.tick() => {
                 let healthy = state.broker().is_healthy().await;
                 state.readiness().set("broker", healthy);
+                let answers = state.integrations().db().ping().await;
+                state.readiness().set("postgres", answers);
             }
         }
     }

@@ -7,6 +7,10 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// How long one publish may wait for the broker's confirm before the API answers 503.
 pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Vitally budget of a new integration unless configured: well under the 1000/min a key
+/// allows, since the customer's other tools share that key (`VITALLY_BUDGET_PER_MIN`).
+pub const DEFAULT_BUDGET_PER_MIN: u32 = 600;
+
 /// Everything the producer's HTTP layer needs to know, parsed once at start.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
@@ -16,6 +20,8 @@ pub struct ProducerConfig {
     pub body_limit: usize,
     /// Deadline for one publisher confirm.
     pub publish_timeout: Duration,
+    /// Vitally budget of a newly connected integration (`VITALLY_BUDGET_PER_MIN`).
+    pub default_budget_per_min: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +41,7 @@ impl ProducerConfig {
             token,
             body_limit: DEFAULT_BODY_LIMIT,
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
+            default_budget_per_min: DEFAULT_BUDGET_PER_MIN,
         }
     }
 

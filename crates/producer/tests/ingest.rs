@@ -21,13 +21,12 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use vitally_client::{
-    client::VitallyHttp, crypto::SecretCipher, integrations::IntegrationStore,
-    metrics::VitallyMetrics,
+    client::VitallyHttp, crypto::KeyRing, integrations::IntegrationStore, metrics::VitallyMetrics,
 };
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const RABBIT: &str = "127.0.0.1:5672";
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
+const DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/thena_vitally";
 const TOKEN: &str = "test-token-7f3a";
 /// Deadline for anything a test waits on.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -55,7 +54,7 @@ struct App {
     /// A direct connection (never through the proxy) for inspecting queues.
     inspector: Broker,
     topology: Topology,
-    redis_prefix: String,
+    schema: String,
     metrics: IngestMetrics,
     proxy: Option<Proxy>,
     shutdown: CancellationToken,
@@ -83,14 +82,10 @@ async fn start(options: Options) -> App {
         .expect("broker connects");
     let publisher = broker.publisher().await.expect("publisher");
 
-    let redis = redis::Client::open(REDIS_URL)
-        .unwrap()
-        .get_connection_manager()
-        .await
-        .expect("Redis reachable");
     let key: String = (0..32).map(|i| format!("{:02x}", i * 7 + 1)).collect();
-    let cipher = SecretCipher::from_key(&SecretString::from(key)).unwrap();
-    let integrations = IntegrationStore::new(redis, &prefix, cipher);
+    let keys = KeyRing::single(&SecretString::from(key)).unwrap();
+    let schema = prefix.replace('-', "_");
+    let integrations = IntegrationStore::new(schema_db(&schema).await, keys);
     let vitally = VitallyHttp::new(Duration::from_secs(5), VitallyMetrics::unregistered()).unwrap();
 
     let mut config = ProducerConfig::new(SecretString::from(TOKEN));
@@ -118,7 +113,7 @@ async fn start(options: Options) -> App {
         http: reqwest::Client::new(),
         inspector,
         topology,
-        redis_prefix: prefix,
+        schema: prefix.replace('-', "_"),
         metrics,
         proxy,
         shutdown,
@@ -198,7 +193,7 @@ impl App {
         let channel = self.inspector.channel().await.unwrap();
         self.topology.delete(&channel).await.unwrap();
         self.inspector.close().await;
-        delete_redis_prefix(&self.redis_prefix).await;
+        schema_db(&self.schema).await.drop_schema().await.unwrap();
         if let Some(proxy) = self.proxy.take() {
             proxy.stop();
         }
@@ -213,35 +208,11 @@ async fn answer(response: reqwest::Response) -> (u16, Value, reqwest::header::He
     (status, body, headers)
 }
 
-async fn delete_redis_prefix(prefix: &str) {
-    let mut redis = redis::Client::open(REDIS_URL)
-        .unwrap()
-        .get_multiplexed_async_connection()
+/// The test's own PostgreSQL schema for integration records.
+async fn schema_db(schema: &str) -> thena_store::Db {
+    thena_store::Db::connect(&SecretString::from(DATABASE_URL), schema)
         .await
-        .unwrap();
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(500)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut redis)
-                .await
-                .unwrap();
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+        .expect("PostgreSQL reachable")
 }
 
 /// Posts `body` with `Transfer-Encoding: chunked` over a raw socket; returns the status line.
@@ -870,6 +841,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/integrations/{workspace_id}"),
     ("PATCH", "/v1/integrations/{workspace_id}"),
     ("DELETE", "/v1/integrations/{workspace_id}"),
+    ("GET", "/v1/integrations/{workspace_id}/history"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/openapi.json"),

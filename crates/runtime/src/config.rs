@@ -39,7 +39,17 @@ pub const VARIABLES: &[Var] = &[
     var(
         "REDIS_URL",
         "redis://127.0.0.1:6379",
-        "Redis URL: integration records, caches, limiter, locks",
+        "Redis URL: caches, locks, the limiter, the hot copy of the version guard (losable)",
+    ),
+    var(
+        "DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/thena_vitally",
+        "PostgreSQL URL, the system of record: integrations, their history, synced versions (the database is created if missing)",
+    ),
+    var(
+        "DATABASE_SCHEMA",
+        "thena_vitally",
+        "PostgreSQL schema of this deployment (created and migrated on start)",
     ),
     var(
         "LOG_FORMAT",
@@ -66,7 +76,13 @@ pub const VARIABLES: &[Var] = &[
         name: "INTEGRATIONS_KEY",
         default: None,
         secret: true,
-        help: "32-byte key (base64 or hex) encrypting Vitally auth headers at rest (required where integrations are read or written)",
+        help: "32-byte key (base64 or hex) encrypting Vitally auth headers at rest; the same as INTEGRATIONS_KEYS=k1:<key>",
+    },
+    Var {
+        name: "INTEGRATIONS_KEYS",
+        default: None,
+        secret: true,
+        help: "Key ring `id:key,id:key`, newest first: seals with the first, opens with any (rotation); overrides INTEGRATIONS_KEY",
     },
     var(
         "NAME_PREFIX",
@@ -131,8 +147,13 @@ pub const VARIABLES: &[Var] = &[
     ),
     var(
         "INTEGRATION_REFRESH",
-        "2s",
-        "How stale a consumer's view of an integration record may be",
+        "30s",
+        "Backstop lifetime of a consumer's cached integration record (changes arrive at once over LISTEN/NOTIFY)",
+    ),
+    var(
+        "HEALTH_PROBE_INTERVAL",
+        "1m",
+        "How often a paused integration is probed with one cheap Vitally call to see whether it healed",
     ),
     var(
         "RETRY_TIERS",
@@ -237,8 +258,12 @@ pub struct Config {
     pub log_format: LogFormat,
     pub http_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    pub database_url: SecretString,
+    pub database_schema: String,
     pub producer_token: Option<SecretString>,
     pub integrations_key: Option<SecretString>,
+    pub integrations_keys: Option<SecretString>,
+    pub health_probe_interval: Duration,
     pub name_prefix: String,
     pub redis_prefix: String,
     pub consumer: ConsumerSettings,
@@ -310,8 +335,12 @@ impl Config {
             log_format: typed(&parsed, "LOG_FORMAT")?,
             http_addr: typed(&parsed, "HTTP_ADDR")?,
             metrics_addr: typed(&parsed, "METRICS_ADDR")?,
+            database_url: SecretString::from(parsed("DATABASE_URL")?),
+            database_schema: schema(&parsed, "DATABASE_SCHEMA")?,
             producer_token: get("PRODUCER_TOKEN").map(SecretString::from),
             integrations_key: get("INTEGRATIONS_KEY").map(SecretString::from),
+            integrations_keys: get("INTEGRATIONS_KEYS").map(SecretString::from),
+            health_probe_interval: duration(&parsed, "HEALTH_PROBE_INTERVAL")?,
             name_prefix: name(&parsed, "NAME_PREFIX")?,
             redis_prefix: name(&parsed, "REDIS_PREFIX")?,
             consumer: ConsumerSettings {
@@ -355,9 +384,13 @@ impl Config {
         require(&self.producer_token, "PRODUCER_TOKEN")
     }
 
-    /// The integrations key, or a start-up error naming the variable.
-    pub fn require_integrations_key(&self) -> Result<SecretString, ConfigError> {
-        require(&self.integrations_key, "INTEGRATIONS_KEY")
+    /// The integrations key ring (`Ok(true, ring)`) or single key (`Ok(false, key)`), or a
+    /// start-up error naming the variable.
+    pub fn require_integrations_keys(&self) -> Result<(bool, SecretString), ConfigError> {
+        match &self.integrations_keys {
+            Some(ring) => Ok((true, ring.clone())),
+            None => require(&self.integrations_key, "INTEGRATIONS_KEY").map(|key| (false, key)),
+        }
     }
 }
 
@@ -408,6 +441,26 @@ fn share(get: &Lookup<'_>, name: &'static str) -> Result<f64, ConfigError> {
     let value: f64 = typed(get, name)?;
     if !(value > 0.0 && value <= 1.0) {
         return Err(invalid(name, format!("must be in (0, 1], got {value}")));
+    }
+    Ok(value)
+}
+
+/// A PostgreSQL schema name: lowercase letters, digits and `_`, as an unquoted identifier.
+fn schema(get: &Lookup<'_>, name: &'static str) -> Result<String, ConfigError> {
+    let value = get(name)?;
+    let mut chars = value.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && value.len() <= 40;
+    if !ok {
+        return Err(invalid(
+            name,
+            format!(
+                "{value:?}: use up to 40 lowercase letters, digits and _, starting with a letter"
+            ),
+        ));
     }
     Ok(value)
 }
@@ -607,7 +660,7 @@ mod tests {
     #[test]
     fn a_missing_required_secret_names_the_variable() {
         let config = Config::from_sources(HashMap::new(), vec![]).unwrap();
-        let err = config.require_integrations_key().unwrap_err().to_string();
+        let err = config.require_integrations_keys().unwrap_err().to_string();
         assert!(err.contains("INTEGRATIONS_KEY is required"), "{err}");
     }
 

@@ -16,8 +16,9 @@ use vitally_client::{
 use crate::{
     cache::Cache,
     guard::RequestGuards,
+    health::HealthProbe,
     metrics::SyncMetrics,
-    pipeline::{Pipeline, PipelineSettings},
+    pipeline::{KeyHealth, Pipeline, PipelineSettings},
     worker::{Worker, WorkerSettings},
 };
 
@@ -38,6 +39,10 @@ pub async fn build_worker(
         .await
         .context("cannot connect to Redis (REDIS_URL)")?;
     let store = IntegrationStore::from_config(config).await?;
+    let keys = KeyHealth::new(readiness.clone());
+    for workspace in store.undecryptable().await? {
+        keys.set(&workspace, false);
+    }
     let vitally_metrics = VitallyMetrics::new(registry)?;
     let http = VitallyHttp::new(config.vitally.timeout, vitally_metrics.clone())?;
     let limiter = RateLimiter::new(
@@ -47,16 +52,29 @@ pub async fn build_worker(
     )
     .with_metrics(vitally_metrics);
     let metrics = SyncMetrics::new(registry)?;
+    let guards = RequestGuards::new(
+        redis.clone(),
+        store.db().clone(),
+        &config.redis_prefix,
+        config.consumer.request_lock_ttl,
+    );
+    let first_start = store.db().first_start().await?;
+    if let Err(e) = guards.start(first_start).await {
+        // Locks stay refused (events deferred) until Redis answers and the epoch is set.
+        tracing::warn!(error = ?e, "cannot set the fleet epoch in Redis yet");
+    }
+    let probe = HealthProbe {
+        store: store.clone(),
+        http: http.clone(),
+        limiter: limiter.clone(),
+        interval: config.health_probe_interval,
+    };
     let pipeline = Pipeline {
         integrations: IntegrationCache::new(store, config.cache.integration_refresh),
         http,
         limiter,
         cache: Cache::new(redis.clone(), &config.redis_prefix, metrics.clone()),
-        guards: RequestGuards::new(
-            redis,
-            &config.redis_prefix,
-            config.consumer.request_lock_ttl,
-        ),
+        guards,
         settings: PipelineSettings {
             user_ttl: config.cache.user_ttl,
             negative_ttl: config.cache.negative_ttl,
@@ -68,8 +86,11 @@ pub async fn build_worker(
             max_rate_wait: config.consumer.max_rate_wait,
             lock_wait: Duration::from_secs(2),
             lock_ttl: config.consumer.request_lock_ttl,
+            fields_ttl: config.cache.fields_ttl,
+            actor: "consumer".to_owned(),
         },
         metrics: metrics.clone(),
+        keys,
     };
     Ok(Worker {
         broker,
@@ -78,9 +99,11 @@ pub async fn build_worker(
             concurrency: config.consumer.concurrency,
             prefetch: config.consumer.prefetch,
             shutdown_grace: config.consumer.shutdown_grace,
+            hold_wait: config.health_probe_interval.min(Duration::from_secs(30)),
         },
         metrics,
         readiness,
         observer: None,
+        probe: Some(probe),
     })
 }

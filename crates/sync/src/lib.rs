@@ -9,6 +9,7 @@
 pub mod app;
 pub mod cache;
 pub mod guard;
+pub mod health;
 pub mod linking;
 pub mod metrics;
 pub mod outcome;

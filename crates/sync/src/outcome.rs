@@ -16,6 +16,10 @@ pub enum Outcome {
         wait: Duration,
         reason: &'static str,
     },
+    /// The integration is paused (Vitally rejects its key, its object is gone, or this
+    /// replica cannot decrypt its header): the event waits in a delay queue, costs no
+    /// attempt and no Vitally call, and flows again once the integration heals.
+    Held { reason: &'static str },
     /// A transient failure: dead-lettered for the replayer's backoff.
     Retry { reason: String, error: String },
     /// A permanent failure: parked for a human.
@@ -54,6 +58,7 @@ impl Outcome {
             Outcome::Synced { created: false } => ("synced", "updated".into()),
             Outcome::Skipped(skip) => ("skipped", skip.as_str().into()),
             Outcome::Deferred { reason, .. } => ("deferred", (*reason).into()),
+            Outcome::Held { reason } => ("held", (*reason).into()),
             Outcome::Retry { reason, .. } => ("retried", reason.clone()),
             Outcome::Park { reason, .. } => ("parked", reason.clone()),
         }

@@ -10,11 +10,13 @@ use std::{
     time::Duration,
 };
 
+use chrono::Utc;
 use thena_events::RequestChanged;
+use thena_runtime::ops::Readiness;
 use vitally_client::{
     client::{InstanceBody, NewUser, User, VitallyClient, VitallyHttp},
     error::{ErrorClass, ErrorKind, VitallyError},
-    integrations::{Integration, IntegrationCache, StoreError},
+    integrations::{Health, Integration, IntegrationCache, StoreError},
     limiter::{Admission, RateLimiter},
     mapping::{FieldMap, FieldRef, MappingOptions, map_instance},
     provision::{self, ConnectError},
@@ -22,7 +24,7 @@ use vitally_client::{
 
 use crate::{
     cache::{Cache, Ttl},
-    guard::RequestGuards,
+    guard::{LockError, RequestGuards, VersionError},
     linking::{
         DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
         link_user,
@@ -51,6 +53,10 @@ pub struct PipelineSettings {
     pub lock_wait: Duration,
     /// Lifetime of a request lock; one event's work is cut off at 3/4 of it.
     pub lock_ttl: Duration,
+    /// How old the stored field map may get before it is re-read from Vitally.
+    pub fields_ttl: Duration,
+    /// Who this replica is in an integration's history (`consumer@host`).
+    pub actor: String,
 }
 
 /// Everything the pipeline talks to, shared by all in-flight events.
@@ -62,6 +68,48 @@ pub struct Pipeline {
     pub guards: RequestGuards,
     pub settings: PipelineSettings,
     pub metrics: SyncMetrics,
+    /// Workspaces whose header this replica cannot decrypt; `/readyz` fails while any.
+    pub keys: KeyHealth,
+}
+
+/// Tracks integrations this replica cannot decrypt (a missing or wrong
+/// `INTEGRATIONS_KEYS`): such a replica is not ready, and says which.
+#[derive(Clone, Default)]
+pub struct KeyHealth {
+    readiness: Readiness,
+    undecryptable: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl KeyHealth {
+    pub const CHECK: &'static str = "integrations_key";
+
+    pub fn new(readiness: Readiness) -> Self {
+        readiness.set(Self::CHECK, true);
+        Self {
+            readiness,
+            undecryptable: Arc::default(),
+        }
+    }
+
+    pub fn set(&self, workspace: &str, decryptable: bool) {
+        let mut set = self
+            .undecryptable
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let changed = if decryptable {
+            set.remove(workspace)
+        } else {
+            set.insert(workspace.to_owned())
+        };
+        if changed && !decryptable {
+            tracing::error!(
+                workspace,
+                "cannot decrypt this integration's Vitally header: is INTEGRATIONS_KEYS the \
+                 fleet's? Its events are held until it is"
+            );
+        }
+        self.readiness.set(Self::CHECK, set.is_empty());
+    }
 }
 
 /// Why a step stopped short of a result.
@@ -83,6 +131,14 @@ enum StepError {
     },
     /// The event's work outlasted its share of the request lock.
     LeaseExpired(Duration),
+    /// Vitally refuses this integration until someone (or the probe) heals it.
+    Paused(Health, String),
+    /// This replica cannot decrypt the integration's header.
+    Undecryptable,
+    /// Redis lost its data; locks resume after this wait.
+    Quarantine(Duration),
+    /// PostgreSQL (the durable version record) is unreachable.
+    Db(String),
 }
 
 impl StepError {
@@ -130,6 +186,20 @@ impl StepError {
                 reason: "lock_lease_expired".into(),
                 error: format!("the event's work took longer than {lease:?}"),
             },
+            StepError::Paused(health, _) => Outcome::Held {
+                reason: health.as_str(),
+            },
+            StepError::Undecryptable => Outcome::Held {
+                reason: "key_undecryptable",
+            },
+            StepError::Quarantine(wait) => Outcome::Deferred {
+                wait,
+                reason: "redis_data_lost",
+            },
+            StepError::Db(error) => Outcome::Retry {
+                reason: "postgres_unavailable".into(),
+                error,
+            },
         }
     }
 }
@@ -157,6 +227,35 @@ fn redis_err(error: redis::RedisError) -> StepError {
     StepError::Redis(error.to_string())
 }
 
+fn lock_err(error: LockError) -> StepError {
+    match error {
+        LockError::Redis(e) => redis_err(e),
+        LockError::Quarantine(wait) => StepError::Quarantine(wait),
+    }
+}
+
+fn version_err(error: VersionError) -> StepError {
+    match error {
+        VersionError::Redis(e) => redis_err(e),
+        VersionError::Db(e) => StepError::Db(e.to_string()),
+    }
+}
+
+/// A Vitally answer that pauses the whole integration rather than failing one event:
+/// 401/403 (the key was rotated or revoked), or 404 from the object itself.
+fn pausing(error: &VitallyError, object_call: bool) -> Option<Health> {
+    match error.kind() {
+        ErrorKind::Status(401 | 403) => Some(Health::AuthRejected),
+        ErrorKind::Status(404) if object_call => Some(Health::ObjectMissing),
+        ErrorKind::Status(_)
+        | ErrorKind::Timeout
+        | ErrorKind::Connect
+        | ErrorKind::Transport
+        | ErrorKind::Decode
+        | ErrorKind::InvalidRequest => None,
+    }
+}
+
 /// One integration's calls, each admitted by the fleet-wide limiter first.
 ///
 /// Only the event's first call is held to `max_wait`: once an event has spent budget,
@@ -166,7 +265,8 @@ fn redis_err(error: redis::RedisError) -> StepError {
 struct Session<'a> {
     client: VitallyClient,
     limiter: &'a RateLimiter,
-    workspace: &'a str,
+    /// The budget's key: one per Vitally key (its fingerprint).
+    budget_key: &'a str,
     budget: u32,
     max_wait: Duration,
     in_event_wait: Duration,
@@ -178,6 +278,22 @@ impl Session<'_> {
         &self,
         call: impl Future<Output = Result<T, VitallyError>>,
     ) -> Result<T, StepError> {
+        self.call_as(false, call).await
+    }
+
+    /// A call on the custom object itself, where a 404 means the object is gone.
+    async fn object_call<T>(
+        &self,
+        call: impl Future<Output = Result<T, VitallyError>>,
+    ) -> Result<T, StepError> {
+        self.call_as(true, call).await
+    }
+
+    async fn call_as<T>(
+        &self,
+        object_call: bool,
+        call: impl Future<Output = Result<T, VitallyError>>,
+    ) -> Result<T, StepError> {
         let max_wait = if self.started.swap(true, Ordering::Relaxed) {
             self.in_event_wait
         } else {
@@ -185,7 +301,7 @@ impl Session<'_> {
         };
         match self
             .limiter
-            .acquire(self.workspace, self.budget, max_wait)
+            .acquire(self.budget_key, self.budget, max_wait)
             .await
         {
             Admission::Granted => {}
@@ -198,7 +314,10 @@ impl Session<'_> {
             Err(error) => {
                 if let ErrorClass::RateLimited { reset } = error.class() {
                     // Every replica stops calling this integration until Vitally resets.
-                    self.limiter.pause(self.workspace, reset).await;
+                    self.limiter.pause(self.budget_key, reset).await;
+                }
+                if let Some(health) = pausing(&error, object_call) {
+                    return Err(StepError::Paused(health, error.to_string()));
                 }
                 Err(StepError::Vitally(error))
             }
@@ -215,13 +334,53 @@ impl Pipeline {
         }
     }
 
-    async fn try_process(&self, event: &RequestChanged) -> Result<Outcome, StepError> {
-        let Some(integration) = self
+    /// The integration, or why its events cannot go on now.
+    async fn integration(&self, ws: &str) -> Result<Option<Arc<Integration>>, StepError> {
+        match self.integrations.get(ws).await {
+            Ok(found) => {
+                self.keys.set(ws, true);
+                Ok(found)
+            }
+            Err(error) if error.is_undecryptable() => {
+                self.keys.set(ws, false);
+                Err(StepError::Undecryptable)
+            }
+            Err(error) => Err(StepError::Store(error)),
+        }
+    }
+
+    /// Pauses the integration the event saw (only if nobody changed it since: a record
+    /// just reconnected with a new key stays healthy).
+    async fn pause(&self, integration: &Integration, health: Health, detail: &str) {
+        match self
             .integrations
-            .get(&event.workspace_id)
+            .store()
+            .set_health(
+                &integration.workspace_id,
+                Some(integration.revision),
+                health,
+                Some(detail),
+                &self.settings.actor,
+            )
             .await
-            .map_err(StepError::Store)?
-        else {
+        {
+            Ok(true) => {
+                self.integrations.invalidate(&integration.workspace_id);
+                tracing::warn!(
+                    workspace = %integration.workspace_id,
+                    health = health.as_str(),
+                    detail,
+                    "integration paused: its events are held until it heals"
+                );
+            }
+            Ok(false) => {}
+            // Still held: the next event of this integration pauses it.
+            Err(e) => tracing::warn!(error = %e, "could not record the pause"),
+        }
+    }
+
+    async fn try_process(&self, event: &RequestChanged) -> Result<Outcome, StepError> {
+        let Some(integration) = self.integration(&event.workspace_id).await? else {
             return Ok(Outcome::Park {
                 reason: "no_integration".into(),
                 error: format!(
@@ -241,12 +400,18 @@ impl Pipeline {
             PolicyDecision::Sync { may_update } => may_update,
         };
 
+        if integration.health != Health::Healthy {
+            return Ok(Outcome::Held {
+                reason: integration.health.as_str(),
+            });
+        }
+
         let request_id = event.request.id;
         let Some(lock) = self
             .guards
             .lock(&event.workspace_id, request_id, self.settings.lock_wait)
             .await
-            .map_err(redis_err)?
+            .map_err(lock_err)?
         else {
             return Err(StepError::Busy);
         };
@@ -259,6 +424,9 @@ impl Pipeline {
                 Err(_) => Err(StepError::LeaseExpired(lease)),
             };
         self.guards.release(lock).await;
+        if let Err(StepError::Paused(health, detail)) = &result {
+            self.pause(&integration, *health, detail).await;
+        }
         result
     }
 
@@ -274,7 +442,7 @@ impl Pipeline {
             .guards
             .last_version(ws, event.request.id)
             .await
-            .map_err(redis_err)?;
+            .map_err(version_err)?;
         match last {
             Some(last) if event.request.version < last => {
                 return Ok(Outcome::Skipped(Skip::StaleVersion));
@@ -288,7 +456,7 @@ impl Pipeline {
         let session = Session {
             client: integration.client(&self.http),
             limiter: &self.limiter,
-            workspace: ws,
+            budget_key: integration.budget_key(),
             budget: integration.rate_budget_per_min,
             max_wait: self.settings.max_rate_wait,
             // Never so long that the event outlives its lock lease.
@@ -304,6 +472,11 @@ impl Pipeline {
         };
 
         let mut fields: FieldMap = integration.fields.clone();
+        if Utc::now() - integration.fields_refreshed_at
+            > chrono::Duration::from_std(self.settings.fields_ttl).unwrap_or(chrono::TimeDelta::MAX)
+        {
+            fields = self.refresh_fields(integration).await?;
+        }
         let options = MappingOptions {
             textarea_limit: self.settings.textarea_limit,
         };
@@ -342,14 +515,45 @@ impl Pipeline {
         {
             // Vitally has this version, but an older one still in flight (a retry, a replay)
             // would not know and overwrite it. Retry: re-applying is idempotent, and once
-            // Redis is back the version is recorded, so the newest always wins in the end.
+            // the store is back the version is recorded, so the newest always wins.
             self.metrics.redis_error("record_version");
-            return Err(StepError::Redis(format!(
+            let error = format!(
                 "synced, but could not record version {}: {e}",
                 event.request.version
-            )));
+            );
+            return Err(match e {
+                VersionError::Redis(_) => StepError::Redis(error),
+                VersionError::Db(_) => StepError::Db(error),
+            });
         }
         Ok(outcome)
+    }
+
+    /// Re-reads the object's field map from Vitally (at most once per `fields_ttl` for the
+    /// fleet: under the workspace's field lock, re-checked after taking it).
+    async fn refresh_fields(&self, integration: &Integration) -> Result<FieldMap, StepError> {
+        let ws = integration.workspace_id.as_str();
+        let Some(lock) = self
+            .guards
+            .lock_named(&format!("fields:{ws}"), self.settings.lock_wait)
+            .await
+            .map_err(lock_err)?
+        else {
+            return Err(StepError::Busy);
+        };
+        let refreshed = provision::refresh_fields(
+            &self.http,
+            self.integrations.store(),
+            integration,
+            &self.settings.actor,
+        )
+        .await;
+        self.guards.release(lock).await;
+        self.integrations.invalidate(ws);
+        match refreshed {
+            Ok(refresh) => Ok(refresh.fields),
+            Err(error) => Err(connect_step_error(error)),
+        }
     }
 
     /// Creates a missing category trait once for the whole fleet: under a workspace-wide
@@ -364,32 +568,20 @@ impl Pipeline {
             .guards
             .lock_named(&format!("fields:{ws}"), self.settings.lock_wait)
             .await
-            .map_err(redis_err)?
+            .map_err(lock_err)?
         else {
             return Err(StepError::Busy);
         };
-        let created =
-            provision::ensure_field(&self.http, self.integrations.store(), integration, label)
-                .await;
+        let created = provision::ensure_field(
+            &self.http,
+            self.integrations.store(),
+            integration,
+            label,
+            &self.settings.actor,
+        )
+        .await;
         self.guards.release(lock).await;
-        match created {
-            Ok(field) => Ok(field),
-            Err(ConnectError::Vitally(error)) => Err(StepError::Vitally(error)),
-            Err(ConnectError::Store(error)) => Err(StepError::Store(error)),
-            Err(
-                error @ (ConnectError::InvalidUrl(_)
-                | ConnectError::InvalidAuthHeader(_)
-                | ConnectError::InvalidSetting(_)
-                | ConnectError::Unauthorized { .. }
-                | ConnectError::Unreachable { .. }
-                | ConnectError::Provisioning { .. }
-                | ConnectError::UnsupportedFieldType { .. }
-                | ConnectError::NotConnected(_)),
-            ) => Err(StepError::Permanent {
-                reason: "field_provisioning",
-                error: error.to_string(),
-            }),
-        }
+        created.map_err(connect_step_error)
     }
 
     /// Finds the instance by externalId (cached id), then updates or creates it.
@@ -411,7 +603,7 @@ impl Pipeline {
             .cache
             .get_or_fetch("instance", &cache_id, ttl, || async {
                 let found = session
-                    .call(session.client.find_instance(object, &body.external_id))
+                    .object_call(session.client.find_instance(object, &body.external_id))
                     .await?;
                 Ok::<_, StepError>(found.map(|instance| instance.id))
             })
@@ -430,7 +622,7 @@ impl Pipeline {
                     // Deleted in Vitally (or a stale cache): resolve again from the source.
                     self.cache.invalidate("instance", &cache_id).await;
                     if let Some(found) = session
-                        .call(session.client.find_instance(object, &body.external_id))
+                        .object_call(session.client.find_instance(object, &body.external_id))
                         .await?
                     {
                         session
@@ -446,7 +638,7 @@ impl Pipeline {
             }
         }
         let created = session
-            .call(session.client.create_instance(object, body))
+            .object_call(session.client.create_instance(object, body))
             .await?;
         self.cache
             .put("instance", &cache_id, Some(&created.id), ttl)
@@ -595,6 +787,29 @@ impl Pipeline {
                 .await;
         }
         Ok(Ok(target))
+    }
+}
+
+/// A provisioning failure inside an event's work, classified like any other step.
+fn connect_step_error(error: ConnectError) -> StepError {
+    match error {
+        ConnectError::Vitally(error) => match pausing(&error, true) {
+            Some(health) => StepError::Paused(health, error.to_string()),
+            None => StepError::Vitally(error),
+        },
+        ConnectError::Store(error) => StepError::Store(error),
+        error @ (ConnectError::InvalidUrl(_)
+        | ConnectError::InvalidAuthHeader(_)
+        | ConnectError::InvalidSetting(_)
+        | ConnectError::Unauthorized { .. }
+        | ConnectError::Unreachable { .. }
+        | ConnectError::AlreadyConnected { .. }
+        | ConnectError::Provisioning { .. }
+        | ConnectError::UnsupportedFieldType { .. }
+        | ConnectError::NotConnected(_)) => StepError::Permanent {
+            reason: "field_provisioning",
+            error: error.to_string(),
+        },
     }
 }
 

@@ -29,6 +29,8 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     pub prefetch: u16,
     pub shutdown_grace: Duration,
+    /// How long a held event (paused integration) waits before it looks again.
+    pub hold_wait: Duration,
 }
 
 pub struct Worker {
@@ -39,6 +41,8 @@ pub struct Worker {
     pub readiness: Readiness,
     /// Told about every settled delivery (the demo's table, tests); none in production.
     pub observer: Option<mpsc::UnboundedSender<Settled>>,
+    /// Probes paused integrations and resumes those Vitally accepts again.
+    pub probe: Option<crate::health::HealthProbe>,
 }
 
 /// One delivery's end, as reported to an observer.
@@ -56,12 +60,20 @@ struct Settler {
     publisher: Publisher,
     metrics: SyncMetrics,
     observer: Option<mpsc::UnboundedSender<Settled>>,
+    hold_wait: Duration,
 }
 
 impl Worker {
     /// Runs until `shutdown` is cancelled, then stops taking deliveries and gives the
     /// in-flight ones `shutdown_grace` to finish (unfinished ones are redelivered).
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Integration changes reach this replica's cache at once, not after its TTL.
+        self.pipeline
+            .integrations
+            .follow_changes(shutdown.child_token());
+        if let Some(probe) = self.probe.take() {
+            tokio::spawn(probe.run(shutdown.child_token()));
+        }
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.settings.concurrency));
         let mut backoff = reconnect_backoff();
@@ -169,6 +181,7 @@ impl Worker {
             publisher,
             metrics: self.metrics.clone(),
             observer: self.observer.clone(),
+            hold_wait: self.settings.hold_wait,
         };
         Ok((channel, consumer, settler))
     }
@@ -240,6 +253,18 @@ impl Settler {
                     )
                     .await
             }
+            // No attempt counted: the event is not failing, its integration is paused.
+            Outcome::Held { .. } => {
+                self.publisher
+                    .defer(
+                        &delivery.data,
+                        &delivery.properties,
+                        delivery.routing_key.as_str(),
+                        self.hold_wait,
+                        None,
+                    )
+                    .await
+            }
             Outcome::Retry { reason, error } => {
                 let failure = self.failure(delivery, FailureClass::Transient, reason, error);
                 self.publisher
@@ -263,7 +288,10 @@ impl Settler {
                     Outcome::Synced { .. } | Outcome::Skipped(_) => {
                         tracing::debug!(outcome = label, reason, "settled")
                     }
-                    Outcome::Deferred { .. } | Outcome::Retry { .. } | Outcome::Park { .. } => {
+                    Outcome::Deferred { .. } | Outcome::Held { .. } => {
+                        tracing::debug!(outcome = label, reason, "handed on")
+                    }
+                    Outcome::Retry { .. } | Outcome::Park { .. } => {
                         tracing::info!(outcome = label, reason, "handed on")
                     }
                 }

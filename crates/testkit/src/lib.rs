@@ -22,6 +22,11 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/thena_vitally".into())
+}
+
 /// A fresh 32-byte key (base64) for encrypting integration records in tests.
 pub const TEST_INTEGRATIONS_KEY: &str = "dGVzdC1rZXktdGhhdC1pcy0zMi1ieXRlcy1sb25nISE=";
 
@@ -31,6 +36,8 @@ pub struct TestEnv {
     pub prefix: String,
     /// Redis key prefix (`REDIS_PREFIX`).
     pub redis_prefix: String,
+    /// PostgreSQL schema (`DATABASE_SCHEMA`), dropped at cleanup.
+    pub schema: String,
     pub topology: Topology,
     cleaned: bool,
 }
@@ -53,6 +60,7 @@ impl TestEnv {
                 .with_delay_tiers(tiers)
                 .with_delivery_limit(3),
             redis_prefix: prefix.clone(),
+            schema: prefix.replace('-', "_"),
             prefix,
             cleaned: false,
         }
@@ -64,6 +72,17 @@ impl TestEnv {
 
     pub fn redis_url(&self) -> SecretString {
         SecretString::from(redis_url())
+    }
+
+    pub fn database_url(&self) -> SecretString {
+        SecretString::from(database_url())
+    }
+
+    /// This test's database handle (migrated).
+    pub async fn db(&self) -> thena_store::Db {
+        thena_store::Db::connect(&self.database_url(), &self.schema)
+            .await
+            .expect("PostgreSQL (DATABASE_URL)")
     }
 
     /// Environment-style overrides for `Config::defaults_with`, pointing at this env.
@@ -78,6 +97,9 @@ impl TestEnv {
         vec![
             ("NAME_PREFIX", self.prefix.clone()),
             ("REDIS_PREFIX", self.redis_prefix.clone()),
+            ("DATABASE_URL", database_url()),
+            ("DATABASE_SCHEMA", self.schema.clone()),
+            ("HEALTH_PROBE_INTERVAL", "300ms".into()),
             ("INTEGRATIONS_KEY", TEST_INTEGRATIONS_KEY.to_string()),
             ("RETRY_TIERS", tiers),
             ("DELIVERY_LIMIT", self.topology.delivery_limit.to_string()),
@@ -118,10 +140,15 @@ impl TestEnv {
         Ok(declared.message_count())
     }
 
-    /// Deletes this test's queues, exchanges and Redis keys.
+    /// Deletes this test's queues, exchanges, Redis keys and PostgreSQL schema.
     pub async fn cleanup(mut self) {
         self.cleaned = true;
-        cleanup(self.topology.clone(), self.redis_prefix.clone()).await;
+        cleanup(
+            self.topology.clone(),
+            self.redis_prefix.clone(),
+            self.schema.clone(),
+        )
+        .await;
     }
 }
 
@@ -140,19 +167,20 @@ impl Drop for TestEnv {
         // Drop cannot be async and may run inside (or outside) a Tokio runtime.
         let topology = self.topology.clone();
         let prefix = self.redis_prefix.clone();
+        let schema = self.schema.clone();
         let _ = std::thread::spawn(move || {
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                rt.block_on(cleanup(topology, prefix));
+                rt.block_on(cleanup(topology, prefix, schema));
             }
         })
         .join();
     }
 }
 
-async fn cleanup(topology: Topology, redis_prefix: String) {
+async fn cleanup(topology: Topology, redis_prefix: String, schema: String) {
     if let Ok(connection) =
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
     {
@@ -165,6 +193,13 @@ async fn cleanup(topology: Topology, redis_prefix: String) {
     }
     if let Err(e) = delete_redis_prefix(&redis_url(), &redis_prefix).await {
         tracing::warn!(error = %e, "test cleanup: deleting Redis keys failed");
+    }
+    let dropped = match thena_store::Db::new(&SecretString::from(database_url()), &schema) {
+        Ok(db) => db.drop_schema().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = dropped {
+        tracing::warn!(error = %e, "test cleanup: dropping the PostgreSQL schema failed");
     }
 }
 

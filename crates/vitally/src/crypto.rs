@@ -1,4 +1,5 @@
-//! Encryption at rest for integration credentials (ChaCha20-Poly1305).
+//! Encryption at rest for integration credentials (ChaCha20-Poly1305), with a key ring
+//! so the key can be rotated: each record names the id of the key that sealed it.
 //!
 //! Stored form: `v1:` + base64(nonce ‖ ciphertext ‖ tag), a fresh random nonce per call.
 //! The associated data is the workspace id, so a ciphertext copied onto another
@@ -34,12 +35,21 @@ pub enum CipherError {
     Decrypt,
     #[error("secret could not be encrypted")]
     Encrypt,
+    #[error(
+        "stored secret was encrypted with key id {0:?}, which is not in this replica's \
+         INTEGRATIONS_KEYS"
+    )]
+    UnknownKey(String),
+    #[error("INTEGRATIONS_KEYS is invalid: {0}; write `id:key,id:key` with the newest key first")]
+    InvalidRing(String),
 }
 
 /// Encrypts and decrypts integration secrets with one key.
 #[derive(Clone)]
 pub struct SecretCipher {
     aead: ChaCha20Poly1305,
+    /// Derived from the key: makes fingerprints that reveal nothing of a header.
+    fingerprint_key: Zeroizing<Vec<u8>>,
 }
 
 impl fmt::Debug for SecretCipher {
@@ -61,7 +71,18 @@ impl SecretCipher {
         }
         let aead = ChaCha20Poly1305::new_from_slice(&bytes)
             .map_err(|_| CipherError::InvalidKey("it does not decode to 32 bytes"))?;
-        Ok(Self { aead })
+        let fingerprint_key = Zeroizing::new(hmac_sha256(&bytes, b"thena-vitally fingerprint v1"));
+        Ok(Self {
+            aead,
+            fingerprint_key,
+        })
+    }
+
+    /// A keyed fingerprint of `parts`: equal inputs give equal fingerprints under one key,
+    /// and nothing about the inputs can be learnt from it.
+    pub fn fingerprint(&self, parts: &[&str]) -> String {
+        let message = parts.join("\n");
+        hex(&hmac_sha256(&self.fingerprint_key, message.as_bytes()))
     }
 
     /// Encrypts `plaintext`, bound to `aad` (the workspace id).
@@ -108,6 +129,119 @@ impl SecretCipher {
         );
         let text = std::str::from_utf8(&plain).map_err(|_| CipherError::Decrypt)?;
         Ok(SecretString::from(text))
+    }
+}
+
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(message);
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The keys of one deployment, newest first: new secrets are sealed with the first, and
+/// any of them opens a secret that names it. `INTEGRATIONS_KEY=K` is the ring `k1:K`.
+#[derive(Clone, Debug)]
+pub struct KeyRing {
+    keys: Vec<(String, SecretCipher)>,
+}
+
+impl KeyRing {
+    /// The id a lone `INTEGRATIONS_KEY` gets, so it can later join a ring unchanged.
+    pub const SINGLE_KEY_ID: &'static str = "k1";
+
+    pub fn single(key: &SecretString) -> Result<Self, CipherError> {
+        Ok(Self {
+            keys: vec![(Self::SINGLE_KEY_ID.to_owned(), SecretCipher::from_key(key)?)],
+        })
+    }
+
+    /// `id:key,id:key,…`, newest first.
+    pub fn parse(ring: &SecretString) -> Result<Self, CipherError> {
+        let mut keys: Vec<(String, SecretCipher)> = Vec::new();
+        for entry in ring.expose_secret().split(',').map(str::trim) {
+            let Some((id, key)) = entry.split_once(':') else {
+                return Err(CipherError::InvalidRing(
+                    "an entry has no `id:` in front of its key".into(),
+                ));
+            };
+            let id = id.trim();
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(CipherError::InvalidRing(format!(
+                    "key id {id:?} is not a plain word"
+                )));
+            }
+            if keys.iter().any(|(known, _)| known == id) {
+                return Err(CipherError::InvalidRing(format!(
+                    "key id {id:?} appears twice"
+                )));
+            }
+            keys.push((
+                id.to_owned(),
+                SecretCipher::from_key(&SecretString::from(key.trim()))?,
+            ));
+        }
+        Ok(Self { keys })
+    }
+
+    pub fn primary_id(&self) -> &str {
+        &self.keys[0].0
+    }
+
+    fn primary(&self) -> &SecretCipher {
+        &self.keys[0].1
+    }
+
+    /// Seals with the newest key: `(key id, stored form)`.
+    pub fn encrypt(
+        &self,
+        plaintext: &SecretString,
+        aad: &str,
+    ) -> Result<(String, String), CipherError> {
+        Ok((
+            self.primary_id().to_owned(),
+            self.primary().encrypt(plaintext, aad)?,
+        ))
+    }
+
+    pub fn decrypt(
+        &self,
+        key_id: &str,
+        stored: &str,
+        aad: &str,
+    ) -> Result<SecretString, CipherError> {
+        let (_, cipher) = self
+            .keys
+            .iter()
+            .find(|(id, _)| id == key_id)
+            .ok_or_else(|| CipherError::UnknownKey(key_id.to_owned()))?;
+        cipher.decrypt(stored, aad)
+    }
+
+    /// `id:hex` under the newest key.
+    pub fn fingerprint(&self, parts: &[&str]) -> String {
+        format!(
+            "{}:{}",
+            self.primary_id(),
+            self.primary().fingerprint(parts)
+        )
+    }
+
+    /// The fingerprint under every key: a record fingerprinted before a rotation still
+    /// matches one of these.
+    pub fn fingerprints(&self, parts: &[&str]) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|(id, cipher)| format!("{id}:{}", cipher.fingerprint(parts)))
+            .collect()
     }
 }
 
@@ -158,6 +292,44 @@ mod tests {
             cipher.decrypt(&a, "T1").unwrap().expose_secret(),
             "Basic c2VjcmV0Og=="
         );
+    }
+
+    #[test]
+    fn a_ring_opens_what_an_older_key_sealed_and_seals_with_the_newest() {
+        let old = STANDARD.encode([7u8; 32]);
+        let new = STANDARD.encode([9u8; 32]);
+        let before = KeyRing::single(&SecretString::from(old.clone())).unwrap();
+        let (id, sealed) = before
+            .encrypt(&SecretString::from("Basic x"), "T1")
+            .unwrap();
+        assert_eq!(id, "k1");
+        let ring = KeyRing::parse(&SecretString::from(format!("k2:{new},k1:{old}"))).unwrap();
+        assert_eq!(
+            ring.decrypt(&id, &sealed, "T1").unwrap().expose_secret(),
+            "Basic x"
+        );
+        assert_eq!(
+            ring.encrypt(&SecretString::from("y"), "T1").unwrap().0,
+            "k2"
+        );
+        assert!(matches!(
+            ring.decrypt("k9", &sealed, "T1"),
+            Err(CipherError::UnknownKey(_))
+        ));
+        assert!(
+            ring.fingerprints(&["h", "x"])
+                .contains(&before.fingerprint(&["h", "x"]))
+        );
+        assert_ne!(ring.fingerprint(&["h", "x"]), ring.fingerprint(&["h", "y"]));
+        assert!(!ring.fingerprint(&["h", "Basic x"]).contains("Basic"));
+        for bad in [
+            "",
+            "nokey",
+            &format!("a:{old},a:{new}"),
+            &format!("bad id:{old}"),
+        ] {
+            assert!(KeyRing::parse(&SecretString::from(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -4,14 +4,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use reqwest::{Url, header::HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
 
 use crate::{
     client::{Field, VitallyHttp},
     error::{ErrorKind, VitallyError},
-    integrations::{FieldRef, Integration, IntegrationStore, StoreError},
+    integrations::{FieldRef, Health, Integration, IntegrationStore, StoreError},
     traits::{FIXED_TRAITS, FieldType, OBJECT_NAME},
 };
 
@@ -31,9 +32,12 @@ pub struct ConnectRequest {
     pub sync_threads: bool,
     pub auto_create_fields: bool,
     pub rate_budget_per_min: u32,
+    /// The start of forward-only sync, set by an operator; `None` keeps the earlier
+    /// record's (a reconnect never widens the window), or "now" for a first connect.
+    pub established_at: Option<DateTime<Utc>>,
 }
 
-/// Toggle changes; `None` leaves a setting as it is.
+/// Setting changes; `None` leaves a setting as it is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Toggles {
     pub push_requests: Option<bool>,
@@ -41,6 +45,31 @@ pub struct Toggles {
     pub sync_threads: Option<bool>,
     pub auto_create_fields: Option<bool>,
     pub rate_budget_per_min: Option<u32>,
+    pub established_at: Option<DateTime<Utc>>,
+}
+
+impl Toggles {
+    pub fn is_empty(&self) -> bool {
+        *self == Toggles::default()
+    }
+}
+
+/// Whether connect made the "Thena Requests" object or found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectOutcome {
+    Created,
+    Adopted,
+}
+
+/// What a connect did, for the operator.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub integration: Integration,
+    pub object: ObjectOutcome,
+    pub traits_added: Vec<String>,
+    /// `connected` (first time) or `reconnected`.
+    pub action: &'static str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +87,11 @@ pub enum ConnectError {
     Unauthorized { status: u16 },
     #[error("could not reach Vitally at {url}: {reason}")]
     Unreachable { url: String, reason: String },
+    #[error(
+        "this Vitally instance is already connected to workspace {workspace}; one Vitally \
+         can be integrated with a single workspace (disconnect it there first)"
+    )]
+    AlreadyConnected { workspace: String },
     #[error("Vitally did not provision the fields {labels:?} on \"{object}\"")]
     Provisioning { object: String, labels: Vec<String> },
     #[error(
@@ -74,13 +108,16 @@ pub enum ConnectError {
 }
 
 /// Validates the credentials against Vitally, creates or adopts the "Thena Requests"
-/// object with every trait, and stores the integration. Safe to repeat: a second
-/// connect adds nothing that exists and keeps the original `established_at`.
+/// object with every trait, and stores the integration. Safe to repeat and to race: the
+/// connects of the fleet run one at a time, a second connect adds nothing that exists
+/// and keeps the original `established_at`, and a Vitally already connected to another
+/// workspace is refused.
 pub async fn connect(
     http: &VitallyHttp,
     store: &IntegrationStore,
     req: ConnectRequest,
-) -> Result<Integration, ConnectError> {
+    actor: &str,
+) -> Result<Connected, ConnectError> {
     let api_url = validate_url(&req.api_url)?;
     validate_auth_header(&req.auth_header)?;
     validate_budget(req.rate_budget_per_min)?;
@@ -88,6 +125,14 @@ pub async fn connect(
         return Err(ConnectError::InvalidSetting(
             "workspace id is empty".to_owned(),
         ));
+    }
+    let _connecting = store.lock_connects().await?;
+    let fingerprints = store.fingerprints(&api_url, &req.auth_header);
+    if let Some(workspace) = store
+        .connected_elsewhere(&req.workspace_id, &fingerprints)
+        .await?
+    {
+        return Err(ConnectError::AlreadyConnected { workspace });
     }
     let previous = store.previous_connection(&req.workspace_id).await?;
     let client = http.client(&api_url, req.auth_header.clone(), &req.workspace_id);
@@ -102,34 +147,31 @@ pub async fn connect(
         .as_ref()
         .and_then(|p| objects.iter().find(|o| o.id == p.custom_object_id))
         .or_else(|| objects.iter().find(|o| o.name == OBJECT_NAME));
-    let object_id = match adopt {
+    let (object_id, object, traits_added) = match adopt {
         Some(object) => {
             let present = client.fields(&object.id).await?;
             let missing = missing_fields(&desired, &present);
             if !missing.is_empty() {
                 client.add_fields(&object.id, &missing).await?;
             }
-            tracing::info!(
-                workspace = %req.workspace_id,
-                object_id = %object.id,
-                added = missing.len(),
-                "adopted the existing Vitally object"
-            );
-            object.id.clone()
+            let added: Vec<String> = missing.iter().map(|(l, _)| (*l).to_owned()).collect();
+            (object.id.clone(), ObjectOutcome::Adopted, added)
         }
         None => {
             let object = client
                 .create_custom_object(OBJECT_NAME, OBJECT_NAME, &desired)
                 .await?;
-            tracing::info!(
-                workspace = %req.workspace_id,
-                object_id = %object.id,
-                fields = desired.len(),
-                "created the Vitally object"
-            );
-            object.id
+            let added = desired.iter().map(|(l, _)| (*l).to_owned()).collect();
+            (object.id, ObjectOutcome::Created, added)
         }
     };
+    tracing::info!(
+        workspace = %req.workspace_id,
+        object_id = %object_id,
+        ?object,
+        traits_added = traits_added.len(),
+        "provisioned the Vitally object"
+    );
 
     // Paths come from what Vitally says now, never from a guess.
     let listed = client.fields(&object_id).await?;
@@ -149,6 +191,12 @@ pub async fn connect(
         });
     }
 
+    let now = Utc::now();
+    // Reconnecting must not widen the forward-only window; only an operator may move it.
+    let established_at = req
+        .established_at
+        .or(previous.as_ref().map(|p| p.established_at))
+        .unwrap_or(now);
     let integration = Integration {
         workspace_id: req.workspace_id,
         api_url,
@@ -158,13 +206,50 @@ pub async fn connect(
         sync_threads: req.sync_threads,
         auto_create_fields: req.auto_create_fields,
         rate_budget_per_min: req.rate_budget_per_min,
-        // Reconnecting must not widen the forward-only window.
-        established_at: previous.map_or_else(Utc::now, |p| p.established_at),
+        established_at,
         custom_object_id: object_id,
         fields,
+        fields_refreshed_at: now,
+        fingerprint: String::new(),
+        health: Health::Healthy,
+        health_detail: None,
+        health_changed_at: now,
+        connected_at: now,
+        updated_at: now,
+        revision: 0,
     };
-    store.put(&integration).await?;
-    Ok(integration)
+    let action = if previous.is_some() {
+        "reconnected"
+    } else {
+        "connected"
+    };
+    let details = json!({
+        "object": object,
+        "traits_added": traits_added,
+        "established_at_set": req.established_at.is_some(),
+    });
+    let stored = match store
+        .save_connection(&integration, actor, action, details)
+        .await
+    {
+        Ok(stored) => stored,
+        Err(StoreError::Db(e)) if e.is_unique_violation() => {
+            // Connected elsewhere by a replica whose lock we could not see (never with
+            // one database); say so rather than fail with SQL.
+            let workspace = store
+                .connected_elsewhere(&integration.workspace_id, &fingerprints)
+                .await?
+                .unwrap_or_else(|| "another workspace".to_owned());
+            return Err(ConnectError::AlreadyConnected { workspace });
+        }
+        Err(other) => return Err(other.into()),
+    };
+    Ok(Connected {
+        integration: stored,
+        object,
+        traits_added,
+        action,
+    })
 }
 
 /// Makes sure a `String` trait labelled `label` exists on the integration's object and
@@ -176,6 +261,7 @@ pub async fn ensure_field(
     store: &IntegrationStore,
     integration: &Integration,
     label: &str,
+    actor: &str,
 ) -> Result<FieldRef, ConnectError> {
     let label = label.trim();
     if label.is_empty() {
@@ -203,43 +289,117 @@ pub async fn ensure_field(
             object: object_id.to_owned(),
             labels: vec![label.to_owned()],
         })?;
-    // Update the freshest record, so a concurrent toggle change is not overwritten.
-    let mut current = store
-        .get(&integration.workspace_id)
+    // Update the freshest record under its row lock, so a concurrent toggle change is
+    // not overwritten.
+    store
+        .modify(
+            &integration.workspace_id,
+            actor,
+            "trait_created",
+            |current| -> Result<(), ConnectError> {
+                current.fields = fields;
+                current.fields_refreshed_at = Utc::now();
+                Ok(())
+            },
+        )
         .await?
         .ok_or_else(|| ConnectError::NotConnected(integration.workspace_id.clone()))?;
-    let stored_label = find_label(&fields, label).map_or(label, |(l, _)| l);
-    if current.fields.get(stored_label) != Some(&field) {
-        current
-            .fields
-            .insert(stored_label.to_owned(), field.clone());
-        store.put(&current).await?;
-    }
     Ok(field)
 }
 
-/// Applies toggle changes to a connected workspace.
+/// What re-reading the object's fields found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldRefresh {
+    pub fields: BTreeMap<String, FieldRef>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// Re-reads the object's fields from Vitally and stores the map: a trait created in
+/// Vitally after connect (the FAQ's remedy for a custom category) is written from now
+/// on, and one that disappeared is reported (history, log) rather than guessed.
+pub async fn refresh_fields(
+    http: &VitallyHttp,
+    store: &IntegrationStore,
+    integration: &Integration,
+    actor: &str,
+) -> Result<FieldRefresh, ConnectError> {
+    let listed = integration
+        .client(http)
+        .fields(&integration.custom_object_id)
+        .await?;
+    let refresh = compare_fields(&integration.fields, field_map(&listed));
+    if refresh.added.is_empty() && refresh.removed.is_empty() {
+        store.touch_fields(&integration.workspace_id).await?;
+        return Ok(refresh);
+    }
+    if !refresh.removed.is_empty() {
+        tracing::warn!(
+            workspace = %integration.workspace_id,
+            removed = ?refresh.removed,
+            "traits disappeared from the Vitally object; their values are no longer written"
+        );
+    }
+    let fields = refresh.fields.clone();
+    store
+        .modify(
+            &integration.workspace_id,
+            actor,
+            "fields_refreshed",
+            |current| -> Result<(), ConnectError> {
+                current.fields = fields;
+                current.fields_refreshed_at = Utc::now();
+                Ok(())
+            },
+        )
+        .await?;
+    Ok(refresh)
+}
+
+fn compare_fields(
+    before: &BTreeMap<String, FieldRef>,
+    after: BTreeMap<String, FieldRef>,
+) -> FieldRefresh {
+    FieldRefresh {
+        added: after
+            .keys()
+            .filter(|label| !before.contains_key(*label))
+            .cloned()
+            .collect(),
+        removed: before
+            .keys()
+            .filter(|label| !after.contains_key(*label))
+            .cloned()
+            .collect(),
+        fields: after,
+    }
+}
+
+/// Applies setting changes to a connected workspace; returns the record and what changed
+/// (empty when nothing did).
 pub async fn set_toggles(
     store: &IntegrationStore,
     workspace_id: &str,
     toggles: Toggles,
-) -> Result<Integration, ConnectError> {
-    let mut integration = store
-        .get(workspace_id)
+    actor: &str,
+) -> Result<(Integration, Value), ConnectError> {
+    store
+        .modify(workspace_id, actor, "settings_changed", |integration| {
+            apply_toggles(integration, toggles)
+        })
         .await?
-        .ok_or_else(|| ConnectError::NotConnected(workspace_id.to_owned()))?;
-    apply_toggles(&mut integration, toggles)?;
-    store.put(&integration).await?;
-    Ok(integration)
+        .ok_or_else(|| ConnectError::NotConnected(workspace_id.to_owned()))
 }
 
-/// Removes the workspace's record; `false` if it was not connected. Vitally's object and
-/// its instances stay, so a later connect adopts them.
+/// Disconnects the workspace (a soft delete that keeps `established_at`); `false` if it
+/// was not connected. Vitally's object and its instances stay, so a later connect adopts
+/// them.
 pub async fn disconnect(
     store: &IntegrationStore,
     workspace_id: &str,
+    actor: &str,
 ) -> Result<bool, ConnectError> {
-    Ok(store.delete(workspace_id).await?)
+    Ok(store.disconnect(workspace_id, actor).await?)
 }
 
 // ---------------------------------------------------------------- pure parts
@@ -251,7 +411,11 @@ fn apply_toggles(integration: &mut Integration, toggles: Toggles) -> Result<(), 
         sync_threads,
         auto_create_fields,
         rate_budget_per_min,
+        established_at,
     } = toggles;
+    if let Some(at) = established_at {
+        integration.established_at = at;
+    }
     if let Some(budget) = rate_budget_per_min {
         validate_budget(budget)?;
         integration.rate_budget_per_min = budget;
@@ -478,6 +642,20 @@ mod tests {
     }
 
     #[test]
+    fn a_refresh_names_the_traits_that_appeared_and_disappeared() {
+        let at = |path: &str| FieldRef {
+            path: path.into(),
+            field_type: FieldType::String,
+        };
+        let before = BTreeMap::from([("Old".to_owned(), at("a")), ("Kept".to_owned(), at("b"))]);
+        let after = BTreeMap::from([("Kept".to_owned(), at("b")), ("New".to_owned(), at("c"))]);
+        let refresh = compare_fields(&before, after.clone());
+        assert_eq!(refresh.added, ["New"]);
+        assert_eq!(refresh.removed, ["Old"]);
+        assert_eq!(refresh.fields, after);
+    }
+
+    #[test]
     fn urls_must_be_plain_http_or_https() {
         assert_eq!(
             validate_url(" https://acme.rest.vitally.io/ ").unwrap(),
@@ -523,6 +701,14 @@ mod tests {
             established_at: Utc::now(),
             custom_object_id: "co".into(),
             fields: BTreeMap::new(),
+            fields_refreshed_at: Utc::now(),
+            fingerprint: "k1:f".into(),
+            health: Health::Healthy,
+            health_detail: None,
+            health_changed_at: Utc::now(),
+            connected_at: Utc::now(),
+            updated_at: Utc::now(),
+            revision: 1,
         };
         apply_toggles(
             &mut integration,

@@ -5,7 +5,7 @@ mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{RedisScope, connect_request};
+use common::{ACTOR, Scope, connect_request};
 use fake_vitally::{FakeConfig, FakeVitally, Fixture, RunningFake, StateDump};
 use serde_json::json;
 use vitally_client::{
@@ -41,10 +41,10 @@ fn provisioned(dump: &StateDump) -> BTreeMap<String, Vec<(String, String)>> {
     fields
 }
 
-async fn setup() -> (RunningFake, RedisScope, IntegrationStore) {
+async fn setup() -> (RunningFake, Scope, IntegrationStore) {
     let fake = fake().await;
-    let redis = RedisScope::new().await;
-    let store = redis.store(common::cipher());
+    let redis = Scope::new();
+    let store = redis.store(common::cipher()).await;
     (fake, redis, store)
 }
 
@@ -58,7 +58,7 @@ async fn connecting_an_empty_vitally_creates_the_object_with_every_trait() {
         "T-empty",
         &["Product Area", "Region"],
     );
-    let integration = provision::connect(&http, &store, req).await.unwrap();
+    let integration = common::connect(&http, &store, req).await.unwrap();
 
     let fields = provisioned(&fake.dump());
     assert_eq!(fields.len(), 22);
@@ -97,7 +97,7 @@ async fn connecting_an_empty_vitally_creates_the_object_with_every_trait() {
 async fn connecting_twice_creates_no_duplicate_object_or_field() {
     let (fake, _redis, store) = setup().await;
     let http = common::http(TIMEOUT);
-    let first = provision::connect(
+    let first = common::connect(
         &http,
         &store,
         connect_request(
@@ -116,7 +116,7 @@ async fn connecting_twice_creates_no_duplicate_object_or_field() {
         &["Region", "Tier"],
     );
     again.sync_threads = true;
-    let second = provision::connect(&http, &store, again).await.unwrap();
+    let second = common::connect(&http, &store, again).await.unwrap();
 
     let fields = provisioned(&fake.dump());
     assert_eq!(fields.len(), 22);
@@ -131,7 +131,7 @@ async fn connecting_twice_creates_no_duplicate_object_or_field() {
     assert!(second.sync_threads);
 
     // A third connect with nothing new changes nothing in Vitally.
-    provision::connect(
+    common::connect(
         &http,
         &store,
         connect_request(&fake.base_url(), &fake.auth_header(), "T-twice", &["Tier"]),
@@ -161,7 +161,7 @@ async fn connecting_adopts_a_partial_object_adding_only_the_missing_traits() {
     let before = provisioned(&fake.dump());
     let http = common::http(TIMEOUT);
 
-    let integration = provision::connect(
+    let integration = common::connect(
         &http,
         &store,
         connect_request(
@@ -199,7 +199,7 @@ async fn connecting_adopts_a_partial_object_adding_only_the_missing_traits() {
 async fn a_rejected_auth_header_says_vitally_rejected_it_and_stores_nothing() {
     let (fake, _redis, store) = setup().await;
     let http = common::http(TIMEOUT);
-    let err = provision::connect(
+    let err = common::connect(
         &http,
         &store,
         connect_request(&fake.base_url(), "Basic bm90LXRoZS1rZXk6", "T-bad", &[]),
@@ -224,10 +224,10 @@ async fn a_rejected_auth_header_says_vitally_rejected_it_and_stores_nothing() {
 
 #[tokio::test]
 async fn an_unreachable_or_malformed_url_is_reported_before_anything_is_stored() {
-    let redis = RedisScope::new().await;
-    let store = redis.store(common::cipher());
+    let redis = Scope::new();
+    let store = redis.store(common::cipher()).await;
     let http = common::http(TIMEOUT);
-    let err = provision::connect(
+    let err = common::connect(
         &http,
         &store,
         connect_request("http://127.0.0.1:1", "Basic eDo=", "T-far", &[]),
@@ -246,7 +246,7 @@ async fn an_unreachable_or_malformed_url_is_reported_before_anything_is_stored()
         "ftp://vitally.example",
         "https://k:s@acme.rest.vitally.io",
     ] {
-        let err = provision::connect(
+        let err = common::connect(
             &http,
             &store,
             connect_request(bad, "Basic eDo=", "T-far", &[]),
@@ -262,7 +262,7 @@ async fn an_unreachable_or_malformed_url_is_reported_before_anything_is_stored()
 async fn ensure_field_adds_a_missing_trait_once_and_records_its_path() {
     let (fake, _redis, store) = setup().await;
     let http = common::http(TIMEOUT);
-    let integration = provision::connect(
+    let integration = common::connect(
         &http,
         &store,
         connect_request(&fake.base_url(), &fake.auth_header(), "T-ensure", &[]),
@@ -271,11 +271,11 @@ async fn ensure_field_adds_a_missing_trait_once_and_records_its_path() {
     .unwrap();
     assert!(!integration.fields.contains_key("Escalation"));
 
-    let added = provision::ensure_field(&http, &store, &integration, "Escalation")
+    let added = provision::ensure_field(&http, &store, &integration, "Escalation", ACTOR)
         .await
         .unwrap();
     // The caller may still hold the old record: a repeat must not add it again.
-    let again = provision::ensure_field(&http, &store, &integration, "Escalation")
+    let again = provision::ensure_field(&http, &store, &integration, "Escalation", ACTOR)
         .await
         .unwrap();
     assert_eq!(added, again);
@@ -290,7 +290,7 @@ async fn ensure_field_adds_a_missing_trait_once_and_records_its_path() {
 
     // An existing fixed trait comes back without any write to Vitally.
     let puts = fake.calls().route("PUT /resources/customObjects/:id");
-    let title = provision::ensure_field(&http, &store, &integration, label::TITLE)
+    let title = provision::ensure_field(&http, &store, &integration, label::TITLE, ACTOR)
         .await
         .unwrap();
     assert_eq!(title, integration.fields[label::TITLE]);
@@ -302,7 +302,7 @@ async fn ensure_field_adds_a_missing_trait_once_and_records_its_path() {
 async fn toggles_change_the_stored_record_and_disconnect_removes_it() {
     let (fake, _redis, store) = setup().await;
     let http = common::http(TIMEOUT);
-    let connected = provision::connect(
+    let connected = common::connect(
         &http,
         &store,
         connect_request(&fake.base_url(), &fake.auth_header(), "T-admin", &[]),
@@ -319,9 +319,11 @@ async fn toggles_change_the_stored_record_and_disconnect_removes_it() {
             rate_budget_per_min: Some(120),
             ..Toggles::default()
         },
+        ACTOR,
     )
     .await
-    .unwrap();
+    .unwrap()
+    .0;
     assert!(!changed.push_requests && changed.update_requests);
     assert!(changed.auto_create_fields);
     assert_eq!(changed.rate_budget_per_min, 120);
@@ -336,6 +338,7 @@ async fn toggles_change_the_stored_record_and_disconnect_removes_it() {
             rate_budget_per_min: Some(0),
             ..Toggles::default()
         },
+        ACTOR,
     )
     .await
     .unwrap_err();
@@ -344,10 +347,18 @@ async fn toggles_change_the_stored_record_and_disconnect_removes_it() {
         "{refused:?}"
     );
 
-    assert!(provision::disconnect(&store, "T-admin").await.unwrap());
-    assert!(!provision::disconnect(&store, "T-admin").await.unwrap());
+    assert!(
+        provision::disconnect(&store, "T-admin", ACTOR)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !provision::disconnect(&store, "T-admin", ACTOR)
+            .await
+            .unwrap()
+    );
     assert!(store.get("T-admin").await.unwrap().is_none());
-    let err = provision::set_toggles(&store, "T-admin", Toggles::default())
+    let err = provision::set_toggles(&store, "T-admin", Toggles::default(), ACTOR)
         .await
         .unwrap_err();
     assert!(matches!(err, ConnectError::NotConnected(_)), "{err:?}");
@@ -358,7 +369,7 @@ async fn toggles_change_the_stored_record_and_disconnect_removes_it() {
 async fn reconnecting_after_a_key_rotation_replaces_the_record_and_keeps_its_start() {
     let (fake, redis, store) = setup().await;
     let http = common::http(TIMEOUT);
-    let first = provision::connect(
+    let first = common::connect(
         &http,
         &store,
         connect_request(&fake.base_url(), &fake.auth_header(), "T-rotate", &[]),
@@ -366,12 +377,12 @@ async fn reconnecting_after_a_key_rotation_replaces_the_record_and_keeps_its_sta
     .await
     .unwrap();
 
-    let rotated = redis.store(common::cipher());
+    let rotated = redis.store(common::cipher()).await;
     assert!(
         rotated.get("T-rotate").await.is_err(),
         "old record unreadable"
     );
-    let second = provision::connect(
+    let second = common::connect(
         &http,
         &rotated,
         connect_request(&fake.base_url(), &fake.auth_header(), "T-rotate", &[]),
@@ -398,7 +409,7 @@ async fn a_same_named_field_of_another_type_is_reported_not_duplicated() {
     .unwrap();
     fake.seed(fixture).unwrap();
     let http = common::http(TIMEOUT);
-    let integration = provision::connect(
+    let integration = common::connect(
         &http,
         &store,
         connect_request(&fake.base_url(), &fake.auth_header(), "T-typed", &[]),
@@ -407,14 +418,14 @@ async fn a_same_named_field_of_another_type_is_reported_not_duplicated() {
     .unwrap();
     assert!(!integration.fields.contains_key("Escalation"));
 
-    let err = provision::ensure_field(&http, &store, &integration, "escalation")
+    let err = provision::ensure_field(&http, &store, &integration, "escalation", ACTOR)
         .await
         .unwrap_err();
     assert!(
         matches!(&err, ConnectError::UnsupportedFieldType { field_type, .. } if field_type == "boolean"),
         "{err:?}"
     );
-    let err = provision::connect(
+    let err = common::connect(
         &http,
         &store,
         connect_request(
@@ -432,4 +443,103 @@ async fn a_same_named_field_of_another_type_is_reported_not_duplicated() {
     );
     assert_eq!(provisioned(&fake.dump())["Escalation"].len(), 1);
     fake.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_simultaneous_connects_of_one_workspace_leave_exactly_one_object() {
+    let (fake, scope, store) = setup().await;
+    let http = common::http(TIMEOUT);
+    let connects = (0..5).map(|_| {
+        let req = connect_request(&fake.base_url(), &fake.auth_header(), "T-race", &["Region"]);
+        common::connect(&http, &store, req)
+    });
+    let results = futures_util::future::join_all(connects).await;
+    for result in &results {
+        assert!(result.is_ok(), "{result:?}");
+    }
+    let dump = fake.dump();
+    provisioned(&dump); // asserts exactly one object
+    let history = store.history("T-race", 100).await.unwrap();
+    let actions: Vec<&str> = history.iter().map(|h| h.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "connected",
+            "reconnected",
+            "reconnected",
+            "reconnected",
+            "reconnected"
+        ]
+    );
+    assert_eq!(history[0].changes["object"], "created");
+    assert!(
+        history[1..]
+            .iter()
+            .all(|h| h.changes["object"] == "adopted")
+    );
+    fake.shutdown().await;
+    scope.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_second_workspace_connecting_the_same_vitally_is_refused_naming_the_first() {
+    let (fake, scope, store) = setup().await;
+    let http = common::http(TIMEOUT);
+    let first = connect_request(&fake.base_url(), &fake.auth_header(), "T-first", &[]);
+    common::connect(&http, &store, first).await.unwrap();
+    fake.reset_calls();
+
+    let second = connect_request(&fake.base_url(), &fake.auth_header(), "T-second", &[]);
+    let err = common::connect(&http, &store, second).await.unwrap_err();
+    assert!(
+        matches!(&err, ConnectError::AlreadyConnected { workspace } if workspace == "T-first"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("T-first"), "{err}");
+    assert_eq!(fake.calls().total, 0, "refused before any call to Vitally");
+    assert!(store.get("T-second").await.unwrap().is_none());
+
+    // Once the first workspace disconnects, the Vitally is free again.
+    assert!(
+        provision::disconnect(&store, "T-first", ACTOR)
+            .await
+            .unwrap()
+    );
+    let again = connect_request(&fake.base_url(), &fake.auth_header(), "T-second", &[]);
+    common::connect(&http, &store, again).await.unwrap();
+    fake.shutdown().await;
+    scope.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_reconnect_after_a_disconnect_keeps_established_at_unless_an_operator_sets_it() {
+    let (fake, scope, store) = setup().await;
+    let http = common::http(TIMEOUT);
+    let req = || connect_request(&fake.base_url(), &fake.auth_header(), "T-fwd", &[]);
+    let first = common::connect(&http, &store, req()).await.unwrap();
+    assert!(provision::disconnect(&store, "T-fwd", ACTOR).await.unwrap());
+    let again = common::connect(&http, &store, req()).await.unwrap();
+    assert_eq!(
+        again.established_at, first.established_at,
+        "never widened by accident"
+    );
+
+    let chosen = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00.123Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let mut explicit = req();
+    explicit.established_at = Some(chosen);
+    let moved = common::connect(&http, &store, explicit).await.unwrap();
+    assert_eq!(moved.established_at, chosen);
+    let history = store.history("T-fwd", 100).await.unwrap();
+    let last = history.last().unwrap();
+    assert_eq!(last.changes["established_at_set"], true);
+    assert!(
+        last.changes["established_at"]["to"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-01-01T00:00:00.123")
+    );
+    fake.shutdown().await;
+    scope.cleanup().await;
 }

@@ -12,10 +12,9 @@ use std::{
     time::Duration,
 };
 
-use common::{RedisScope, connect_request};
+use common::{ACTOR, Scope, connect_request};
 use fake_vitally::{FakeConfig, FakeVitally, Fault, FaultKind};
 use prometheus::{Encoder, Registry, TextEncoder};
-use redis::AsyncCommands;
 use secrecy::SecretString;
 use serde_json::Map;
 use tracing_subscriber::fmt::MakeWriter;
@@ -90,8 +89,8 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
     })
     .await
     .unwrap();
-    let redis = RedisScope::new().await;
-    let store = redis.store(common::cipher());
+    let redis = Scope::new();
+    let store = redis.store(common::cipher()).await;
     let registry = Registry::new();
     let metrics = VitallyMetrics::new(&registry).unwrap();
     let http = VitallyHttp::new(Duration::from_millis(500), metrics).unwrap();
@@ -101,7 +100,7 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
     // Succeeding calls, through connect.
     let req = connect_request(&fake.base_url(), HEADER, "T-secret", &["Region"]);
     show("ConnectRequest debug", format!("{req:?}"));
-    let integration = provision::connect(&http, &store, req).await.unwrap();
+    let integration = common::connect(&http, &store, req).await.unwrap();
     show("Integration debug", format!("{integration:?}"));
     show("Integration pretty debug", format!("{integration:#?}"));
     show("Integration redacted", integration.redacted().to_string());
@@ -123,6 +122,7 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
             sync_threads: Some(true),
             ..Toggles::default()
         },
+        ACTOR,
     )
     .await
     .unwrap();
@@ -161,7 +161,7 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
         show("fault display", err.to_string());
         show("fault debug", format!("{err:?}"));
     }
-    let rejected = provision::connect(
+    let rejected = common::connect(
         &http,
         &store,
         connect_request(&fake.base_url(), WRONG_HEADER, "T-wrong", &[]),
@@ -178,7 +178,7 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
     let err = stranger.account("acc-1").await.unwrap_err();
     show("401 display", err.to_string());
     show("401 debug", format!("{err:?}"));
-    let unreachable = provision::connect(
+    let unreachable = common::connect(
         &http,
         &store,
         connect_request("http://127.0.0.1:1", HEADER, "T-far", &[]),
@@ -187,7 +187,7 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
     .unwrap_err();
     show("unreachable display", unreachable.to_string());
     show("unreachable debug", format!("{unreachable:?}"));
-    let with_userinfo = provision::connect(
+    let with_userinfo = common::connect(
         &http,
         &store,
         connect_request(&format!("http://{KEY}:x@127.0.0.1:1"), HEADER, "T-far", &[]),
@@ -196,7 +196,7 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
     .unwrap_err();
     show("userinfo url display", with_userinfo.to_string());
     show("userinfo url debug", format!("{with_userinfo:?}"));
-    let wrong_key = redis.store(common::cipher());
+    let wrong_key = redis.store(common::cipher()).await;
     let err = wrong_key.get("T-secret").await.unwrap_err();
     show("store error display", err.to_string());
     show("store error debug", format!("{err:?}"));
@@ -210,10 +210,21 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
     assert!(scraped.contains("thena_vitally_vitally_requests_total"));
     show("metrics", scraped);
 
-    // Redis as stored.
-    let mut conn = redis.conn.clone();
-    let raw: String = conn.hget(store.records_key(), "T-secret").await.unwrap();
-    show("redis record", raw);
+    // PostgreSQL as stored: every row of every table of the control plane.
+    let client = store.db().client().await.unwrap();
+    for table in ["integrations", "integration_events", "requests"] {
+        for row in client
+            .query(&format!("SELECT row_to_json(t)::text FROM {table} t"), &[])
+            .await
+            .unwrap()
+        {
+            show(table, row.get::<_, String>(0));
+        }
+    }
+    drop(client);
+    let history = serde_json::to_string(&store.history("T-secret", 100).await.unwrap()).unwrap();
+    assert!(history.contains("settings_changed"), "{history}");
+    show("integration history", history);
 
     for (what, text) in &shown {
         assert_clean(what, text);
@@ -225,6 +236,7 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
     }
     assert_clean("logs", &logs);
     fake.shutdown().await;
+    redis.cleanup().await;
 }
 
 fn base64_header(key: &str) -> String {

@@ -1,73 +1,41 @@
-//! Shared set-up for the integration tests: a real Redis under a unique key prefix
-//! (removed again on drop, even when a test panics), a fresh cipher, the HTTP client.
+//! Shared set-up for the integration tests: a real PostgreSQL schema of its own (removed
+//! again at cleanup or on drop, even when a test panics), a fresh key, the HTTP client.
 
 #![allow(dead_code)] // each test file uses a different part of this module
 
 use std::time::Duration;
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
-use redis::aio::ConnectionManager;
 use secrecy::SecretString;
 use vitally_client::{
-    client::VitallyHttp, crypto::SecretCipher, integrations::IntegrationStore,
-    metrics::VitallyMetrics, provision::ConnectRequest,
+    client::VitallyHttp,
+    crypto::KeyRing,
+    integrations::{Integration, IntegrationStore},
+    metrics::VitallyMetrics,
+    provision::{self, ConnectError, ConnectRequest},
 };
 
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
-/// Redis keys of one test: everything under `prefix`, deleted when this is dropped.
-pub struct RedisScope {
-    pub prefix: String,
-    pub client: redis::Client,
-    pub conn: ConnectionManager,
+/// One test's PostgreSQL schema (and Redis prefix), removed at cleanup or on drop.
+pub struct Scope {
+    pub env: thena_testkit::TestEnv,
 }
 
-impl RedisScope {
-    pub async fn new() -> Self {
-        let prefix = format!("t-{}", uuid::Uuid::new_v4().simple());
-        let client = redis::Client::open(REDIS_URL).expect("redis url");
-        let conn = ConnectionManager::new(client.clone())
-            .await
-            .expect("redis at 127.0.0.1:6379");
+impl Scope {
+    pub fn new() -> Self {
         Self {
-            prefix,
-            client,
-            conn,
+            env: thena_testkit::TestEnv::new(),
         }
     }
 
-    pub fn store(&self, cipher: SecretCipher) -> IntegrationStore {
-        IntegrationStore::new(self.conn.clone(), &self.prefix, cipher)
+    /// A store in this scope's schema, sealing with `keys`.
+    pub async fn store(&self, keys: KeyRing) -> IntegrationStore {
+        IntegrationStore::new(self.env.db().await, keys)
     }
-}
 
-impl Drop for RedisScope {
-    fn drop(&mut self) {
-        // Synchronous on purpose: Drop cannot await, and it must also run on panic.
-        let Ok(mut conn) = self.client.get_connection() else {
-            return;
-        };
-        let pattern = format!("{}:*", self.prefix);
-        let mut cursor = 0u64;
-        loop {
-            let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query(&mut conn)
-            else {
-                return;
-            };
-            if !keys.is_empty() {
-                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(&keys).query(&mut conn);
-            }
-            if next == 0 {
-                return;
-            }
-            cursor = next;
-        }
+    pub async fn cleanup(self) {
+        self.env.cleanup().await;
     }
 }
 
@@ -79,8 +47,22 @@ pub fn random_key() -> SecretString {
     SecretString::from(STANDARD.encode(key))
 }
 
-pub fn cipher() -> SecretCipher {
-    SecretCipher::from_key(&random_key()).expect("valid key")
+/// A fresh one-key ring.
+pub fn cipher() -> KeyRing {
+    KeyRing::single(&random_key()).expect("valid key")
+}
+
+pub const ACTOR: &str = "test";
+
+/// `provision::connect` by the test actor, returning the stored record.
+pub async fn connect(
+    http: &VitallyHttp,
+    store: &IntegrationStore,
+    req: ConnectRequest,
+) -> Result<Integration, ConnectError> {
+    provision::connect(http, store, req, ACTOR)
+        .await
+        .map(|connected| connected.integration)
 }
 
 pub fn http(timeout: Duration) -> VitallyHttp {
@@ -103,6 +85,7 @@ pub fn connect_request(
         sync_threads: false,
         auto_create_fields: false,
         rate_budget_per_min: 600,
+        established_at: None,
     }
 }
 

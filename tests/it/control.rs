@@ -269,3 +269,31 @@ async fn a_trait_created_in_vitally_after_connect_gets_values_without_a_reconnec
     assert!(status_of(&fleet.instances_for(WS, 740)[0]).starts_with('v'));
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trait_path_vitally_rejects_is_re_read_at_once_and_the_event_retried_not_parked() {
+    let mut fleet = Fleet::start().await;
+    fleet.connect(WS, |_| {}).await;
+    // Our stored path for Status no longer matches Vitally's (the object was edited):
+    // Vitally answers 400 naming the unknown trait.
+    fleet
+        .store
+        .modify(WS, "test", "broken_by_test", |broken| {
+            broken.fields.get_mut("Status").unwrap().path = "vitally.custom.statusGone".into();
+            Ok::<_, vitally_client::integrations::StoreError>(())
+        })
+        .await
+        .unwrap();
+    fleet.spawn_consumer().await;
+    fleet.spawn_replayer().await;
+    fleet.publish(&versioned(WS, 750, 1)).await;
+    wait_all_at(&fleet, &[750], 1, Duration::from_secs(20)).await;
+    assert_eq!(fleet.count("retried", Some("fields_refreshed")), 1);
+    assert_eq!(fleet.count("parked", None), 0);
+    let repaired = fleet.store.get(WS).await.unwrap().unwrap();
+    assert_ne!(
+        repaired.field("Status").unwrap().path,
+        "vitally.custom.statusGone"
+    );
+    fleet.stop().await;
+}

@@ -111,16 +111,13 @@ async fn a_429_storm_loses_nothing_and_counts_no_failed_attempt() {
 async fn a_permanent_error_parks_the_event_until_a_replay_after_the_fix_delivers_it_once() {
     let mut fleet = Fleet::start().await;
     fleet.connect(WS, |_| {}).await;
-    // Someone broke the object in Vitally: our stored path for Status no longer exists,
-    // so Vitally rejects the instance with a 400.
-    fleet
-        .store
-        .modify(WS, "test", "broken_by_test", |broken| {
-            broken.fields.get_mut("Status").unwrap().path = "vitally.custom.statusGone".into();
-            Ok::<_, vitally_client::integrations::StoreError>(())
-        })
-        .await
-        .unwrap();
+    // Vitally refuses the instance with a 400 that no retry can fix.
+    fleet.fake.inject(Fault::NextN {
+        method: Some("POST".into()),
+        path_prefix: "/resources/customObjects".into(),
+        count: 1,
+        kind: FaultKind::Status(400),
+    });
     fleet.spawn_consumer().await;
     fleet.spawn_replayer().await;
     fleet
@@ -141,8 +138,8 @@ async fn a_permanent_error_parks_the_event_until_a_replay_after_the_fix_delivers
     assert_eq!(entries[0].reason, "vitally_400");
     assert_eq!(entries[0].request_id, Some(500));
 
-    // The fix: connect again, which re-reads the object's real field paths. A fresh
-    // consumer sees the repaired record at once.
+    // Vitally is fixed (the fault answered once); a reconnect on the way is harmless,
+    // and a fresh consumer takes the replay.
     fleet.take_consumer().stop().await;
     fleet.connect(WS, |_| {}).await;
     fleet.spawn_consumer().await;

@@ -116,7 +116,9 @@ impl Db {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(16)
+            // Queries are short (a record, a version); tests run many pools side by side
+            // under PostgreSQL's 100 connections.
+            .max_size(8)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(5)))
             .create_timeout(Some(Duration::from_secs(3)))

@@ -39,11 +39,12 @@ pub async fn build_worker(
         .await
         .context("cannot connect to Redis (REDIS_URL)")?;
     let store = IntegrationStore::from_config(config).await?;
-    let keys = KeyHealth::new(readiness.clone());
+    let vitally_metrics = VitallyMetrics::new(registry)?;
+    let metrics = SyncMetrics::new(registry)?;
+    let keys = KeyHealth::new(readiness.clone(), metrics.undecryptable.clone());
     for workspace in store.undecryptable().await? {
         keys.set(&workspace, false);
     }
-    let vitally_metrics = VitallyMetrics::new(registry)?;
     let http = VitallyHttp::new(config.vitally.timeout, vitally_metrics.clone())?;
     let limiter = RateLimiter::new(
         redis.clone(),
@@ -51,7 +52,6 @@ pub async fn build_worker(
         config.vitally.limiter_fallback_share,
     )
     .with_metrics(vitally_metrics);
-    let metrics = SyncMetrics::new(registry)?;
     let guards = RequestGuards::new(
         redis.clone(),
         store.db().clone(),
@@ -68,6 +68,7 @@ pub async fn build_worker(
         http: http.clone(),
         limiter: limiter.clone(),
         interval: config.health_probe_interval,
+        metrics: metrics.clone(),
     };
     let pipeline = Pipeline {
         integrations: IntegrationCache::new(store, config.cache.integration_refresh),

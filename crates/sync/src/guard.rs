@@ -114,6 +114,14 @@ impl RequestGuards {
         }
     }
 
+    /// `true` when Redis answers (for `/readyz`).
+    pub async fn ping(&self) -> bool {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.redis.clone())
+            .await
+            .is_ok()
+    }
+
     fn epoch_keys(&self) -> (String, String) {
         (
             format!("{}:epoch", self.prefix),

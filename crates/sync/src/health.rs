@@ -16,6 +16,7 @@ pub struct HealthProbe {
     pub http: VitallyHttp,
     pub limiter: RateLimiter,
     pub interval: Duration,
+    pub metrics: crate::metrics::SyncMetrics,
 }
 
 /// What one probe of a paused integration says.
@@ -52,13 +53,24 @@ impl HealthProbe {
         }
     }
 
-    /// Probes every paused integration once; returns how many resumed.
+    /// Probes every paused integration once and reports those still paused; returns how
+    /// many resumed.
     pub async fn probe_all(&self) -> anyhow::Result<usize> {
         let mut resumed = 0;
+        let mut still_paused = Vec::new();
         for integration in self.store.paused().await? {
             if self.probe(&integration).await {
                 resumed += 1;
+            } else {
+                still_paused.push(integration);
             }
+        }
+        let gauge = &self.metrics.integration_paused;
+        gauge.reset();
+        for integration in &still_paused {
+            gauge
+                .with_label_values(&[&integration.workspace_id, integration.health.as_str()])
+                .set(1);
         }
         Ok(resumed)
     }
@@ -66,8 +78,9 @@ impl HealthProbe {
     async fn probe(&self, integration: &Integration) -> bool {
         let admitted = self
             .limiter
-            .acquire(
+            .acquire_as(
                 integration.budget_key(),
+                &integration.workspace_id,
                 integration.rate_budget_per_min,
                 Duration::from_secs(1),
             )

@@ -1,6 +1,8 @@
 //! The consumer's Prometheus metrics (prefix `thena_vitally_`).
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct SyncMetrics {
@@ -10,6 +12,10 @@ pub struct SyncMetrics {
     pub cache_lookups: IntCounterVec,
     pub redis_errors: IntCounterVec,
     pub in_flight: IntGauge,
+    /// 1 per paused integration, by why (refreshed by the health probe).
+    pub integration_paused: IntGaugeVec,
+    /// Integrations this replica cannot decrypt.
+    pub undecryptable: IntGauge,
 }
 
 impl SyncMetrics {
@@ -21,6 +27,8 @@ impl SyncMetrics {
         registry.register(Box::new(metrics.cache_lookups.clone()))?;
         registry.register(Box::new(metrics.redis_errors.clone()))?;
         registry.register(Box::new(metrics.in_flight.clone()))?;
+        registry.register(Box::new(metrics.integration_paused.clone()))?;
+        registry.register(Box::new(metrics.undecryptable.clone()))?;
         Ok(metrics)
     }
 
@@ -54,6 +62,17 @@ impl SyncMetrics {
                 &["op"],
             )?,
             in_flight: IntGauge::new("thena_vitally_consumer_in_flight", "Deliveries being processed")?,
+            integration_paused: IntGaugeVec::new(
+                Opts::new(
+                    "thena_vitally_integration_paused",
+                    "1 while an integration is paused (auth_rejected, object_missing): its events are held",
+                ),
+                &["workspace", "reason"],
+            )?,
+            undecryptable: IntGauge::new(
+                "thena_vitally_integrations_undecryptable",
+                "Integrations whose Vitally header this replica cannot decrypt (INTEGRATIONS_KEYS differs)",
+            )?,
         })
     }
 

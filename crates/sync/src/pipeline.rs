@@ -74,19 +74,21 @@ pub struct Pipeline {
 
 /// Tracks integrations this replica cannot decrypt (a missing or wrong
 /// `INTEGRATIONS_KEYS`): such a replica is not ready, and says which.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct KeyHealth {
     readiness: Readiness,
+    gauge: prometheus::IntGauge,
     undecryptable: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl KeyHealth {
     pub const CHECK: &'static str = "integrations_key";
 
-    pub fn new(readiness: Readiness) -> Self {
+    pub fn new(readiness: Readiness, gauge: prometheus::IntGauge) -> Self {
         readiness.set(Self::CHECK, true);
         Self {
             readiness,
+            gauge,
             undecryptable: Arc::default(),
         }
     }
@@ -109,6 +111,7 @@ impl KeyHealth {
             );
         }
         self.readiness.set(Self::CHECK, set.is_empty());
+        self.gauge.set(set.len() as i64);
     }
 }
 
@@ -139,6 +142,8 @@ enum StepError {
     Quarantine(Duration),
     /// PostgreSQL (the durable version record) is unreachable.
     Db(String),
+    /// Vitally rejected a trait path and the re-read field map differs: try again.
+    FieldsChanged(String),
 }
 
 impl StepError {
@@ -200,6 +205,10 @@ impl StepError {
                 reason: "postgres_unavailable".into(),
                 error,
             },
+            StepError::FieldsChanged(error) => Outcome::Retry {
+                reason: "fields_refreshed".into(),
+                error,
+            },
         }
     }
 }
@@ -241,6 +250,11 @@ fn version_err(error: VersionError) -> StepError {
     }
 }
 
+/// Vitally's 400 naming a trait path it does not know.
+fn rejects_a_trait(error: &VitallyError) -> bool {
+    matches!(error.kind(), ErrorKind::Status(400)) && error.body().contains("trait")
+}
+
 /// A Vitally answer that pauses the whole integration rather than failing one event:
 /// 401/403 (the key was rotated or revoked), or 404 from the object itself.
 fn pausing(error: &VitallyError, object_call: bool) -> Option<Health> {
@@ -267,6 +281,7 @@ struct Session<'a> {
     limiter: &'a RateLimiter,
     /// The budget's key: one per Vitally key (its fingerprint).
     budget_key: &'a str,
+    workspace: &'a str,
     budget: u32,
     max_wait: Duration,
     in_event_wait: Duration,
@@ -301,7 +316,7 @@ impl Session<'_> {
         };
         match self
             .limiter
-            .acquire(self.budget_key, self.budget, max_wait)
+            .acquire_as(self.budget_key, self.workspace, self.budget, max_wait)
             .await
         {
             Admission::Granted => {}
@@ -314,7 +329,9 @@ impl Session<'_> {
             Err(error) => {
                 if let ErrorClass::RateLimited { reset } = error.class() {
                     // Every replica stops calling this integration until Vitally resets.
-                    self.limiter.pause(self.budget_key, reset).await;
+                    self.limiter
+                        .pause_as(self.budget_key, self.workspace, reset)
+                        .await;
                 }
                 if let Some(health) = pausing(&error, object_call) {
                     return Err(StepError::Paused(health, error.to_string()));
@@ -457,6 +474,7 @@ impl Pipeline {
             client: integration.client(&self.http),
             limiter: &self.limiter,
             budget_key: integration.budget_key(),
+            workspace: ws,
             budget: integration.rate_budget_per_min,
             max_wait: self.settings.max_rate_wait,
             // Never so long that the event outlives its lock lease.
@@ -504,9 +522,19 @@ impl Pipeline {
             traits: mapped.traits,
         };
 
-        let outcome = self
-            .upsert(&session, integration, &body, may_update)
-            .await?;
+        let outcome = match self.upsert(&session, integration, &body, may_update).await {
+            // The object changed under us (a trait renamed or removed in Vitally): re-read
+            // its fields now rather than at the next refresh; if they moved, try again.
+            Err(StepError::Vitally(error)) if rejects_a_trait(&error) => {
+                let refreshed = self.refresh_fields(integration).await?;
+                return Err(if refreshed != fields {
+                    StepError::FieldsChanged(error.to_string())
+                } else {
+                    StepError::Vitally(error)
+                });
+            }
+            other => other?,
+        };
         if let Outcome::Synced { .. } = outcome
             && let Err(e) = self
                 .guards

@@ -74,6 +74,11 @@ impl Worker {
         if let Some(probe) = self.probe.take() {
             tokio::spawn(probe.run(shutdown.child_token()));
         }
+        tokio::spawn(watch_dependencies(
+            self.pipeline.clone(),
+            self.readiness.clone(),
+            shutdown.child_token(),
+        ));
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.settings.concurrency));
         let mut backoff = reconnect_backoff();
@@ -184,6 +189,26 @@ impl Worker {
             hold_wait: self.settings.hold_wait,
         };
         Ok((channel, consumer, settler))
+    }
+}
+
+/// Keeps the `redis` and `postgres` readiness checks current: without Redis no request
+/// lock can be taken, without PostgreSQL no version recorded, so events only retry.
+async fn watch_dependencies(
+    pipeline: Arc<Pipeline>,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                readiness.set("redis", pipeline.guards.ping().await);
+                readiness.set("postgres", pipeline.integrations.store().db().ping().await);
+            }
+        }
     }
 }
 

@@ -248,7 +248,20 @@ impl RateLimiter {
         budget_per_min: u32,
         max_wait: Duration,
     ) -> Admission {
-        let outcome = self.decide(workspace, budget_per_min, max_wait).await;
+        self.acquire_as(workspace, workspace, budget_per_min, max_wait)
+            .await
+    }
+
+    /// [`Self::acquire`] on the budget `key` (one per Vitally key: its fingerprint),
+    /// counted in metrics under `workspace`.
+    pub async fn acquire_as(
+        &self,
+        key: &str,
+        workspace: &str,
+        budget_per_min: u32,
+        max_wait: Duration,
+    ) -> Admission {
+        let outcome = self.decide(key, budget_per_min, max_wait).await;
         self.count_wait(workspace, outcome);
         match outcome {
             Outcome::Go { after } => {
@@ -265,10 +278,16 @@ impl RateLimiter {
     /// Stops every replica calling Vitally for `workspace` for `for_` (Vitally's
     /// `RateLimit-Reset` after a 429). A shorter pause never cuts a longer one.
     pub async fn pause(&self, workspace: &str, for_: Duration) {
+        self.pause_as(workspace, workspace, for_).await;
+    }
+
+    /// [`Self::pause`] of the budget `key`, counted under `workspace`.
+    pub async fn pause_as(&self, key: &str, workspace: &str, for_: Duration) {
         let ms = u64::try_from(for_.as_millis()).unwrap_or(u64::MAX).max(1);
         if let Some(metrics) = &self.metrics {
             metrics.limiter_paused.with_label_values(&[workspace]).inc();
         }
+        let workspace = key;
         {
             // Also locally, so the pause holds if Redis fails before it expires.
             let until = self.local_now().saturating_add(ms.saturating_mul(1000));

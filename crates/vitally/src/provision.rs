@@ -313,6 +313,14 @@ pub struct FieldRefresh {
     pub fields: BTreeMap<String, FieldRef>,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// Labels whose path or type Vitally now reports differently.
+    pub changed: Vec<String>,
+}
+
+impl FieldRefresh {
+    pub fn is_unchanged(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
 }
 
 /// Re-reads the object's fields from Vitally and stores the map: a trait created in
@@ -329,7 +337,7 @@ pub async fn refresh_fields(
         .fields(&integration.custom_object_id)
         .await?;
     let refresh = compare_fields(&integration.fields, field_map(&listed));
-    if refresh.added.is_empty() && refresh.removed.is_empty() {
+    if refresh.is_unchanged() {
         store.touch_fields(&integration.workspace_id).await?;
         return Ok(refresh);
     }
@@ -370,6 +378,11 @@ fn compare_fields(
             .keys()
             .filter(|label| !after.contains_key(*label))
             .cloned()
+            .collect(),
+        changed: before
+            .iter()
+            .filter(|(label, field)| after.get(*label).is_some_and(|now| now != *field))
+            .map(|(label, _)| label.clone())
             .collect(),
         fields: after,
     }
@@ -647,12 +660,22 @@ mod tests {
             path: path.into(),
             field_type: FieldType::String,
         };
-        let before = BTreeMap::from([("Old".to_owned(), at("a")), ("Kept".to_owned(), at("b"))]);
-        let after = BTreeMap::from([("Kept".to_owned(), at("b")), ("New".to_owned(), at("c"))]);
+        let before = BTreeMap::from([
+            ("Old".to_owned(), at("a")),
+            ("Kept".to_owned(), at("b")),
+            ("Moved".to_owned(), at("d")),
+        ]);
+        let after = BTreeMap::from([
+            ("Kept".to_owned(), at("b")),
+            ("New".to_owned(), at("c")),
+            ("Moved".to_owned(), at("e")),
+        ]);
         let refresh = compare_fields(&before, after.clone());
         assert_eq!(refresh.added, ["New"]);
         assert_eq!(refresh.removed, ["Old"]);
+        assert_eq!(refresh.changed, ["Moved"]);
         assert_eq!(refresh.fields, after);
+        assert!(compare_fields(&after, after.clone()).is_unchanged());
     }
 
     #[test]

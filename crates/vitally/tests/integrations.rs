@@ -326,3 +326,41 @@ async fn the_cache_remembers_absence_until_the_ttl_or_an_invalidation() {
     assert!(cache.get("T-neg").await.unwrap().is_none());
     scope.cleanup().await;
 }
+
+#[tokio::test]
+async fn reencrypt_moves_every_record_to_the_newest_key_of_the_ring() {
+    use vitally_client::crypto::KeyRing;
+    let scope = Scope::new();
+    let old_key = common::random_key();
+    let old = scope.store(KeyRing::single(&old_key).unwrap()).await;
+    save(&old, &integration("T-k1")).await;
+    let before = old.get("T-k1").await.unwrap().unwrap().fingerprint;
+
+    let ring = SecretString::from(format!(
+        "k2:{},k1:{}",
+        common::random_key().expose_secret(),
+        old_key.expose_secret()
+    ));
+    let rotated = scope.store(KeyRing::parse(&ring).unwrap()).await;
+    // Both keys open it during the rotation; the newest seals new records.
+    assert!(rotated.get("T-k1").await.unwrap().is_some());
+    assert_eq!(rotated.reencrypt("test").await.unwrap(), 1);
+    assert_eq!(
+        rotated.reencrypt("test").await.unwrap(),
+        0,
+        "nothing left under k1"
+    );
+    let after = rotated.get("T-k1").await.unwrap().unwrap();
+    assert!(after.fingerprint.starts_with("k2:") && after.fingerprint != before);
+    assert!(
+        old.get("T-k1").await.unwrap_err().is_undecryptable(),
+        "the old key alone no longer opens it"
+    );
+    let history = rotated.history("T-k1", 10).await.unwrap();
+    assert_eq!(history.last().unwrap().action, "reencrypted");
+    assert_eq!(
+        history.last().unwrap().changes["key_id"],
+        json!({"from": "k1", "to": "k2"})
+    );
+    scope.cleanup().await;
+}

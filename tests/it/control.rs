@@ -297,3 +297,42 @@ async fn a_trait_path_vitally_rejects_is_re_read_at_once_and_the_event_retried_n
     );
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_object_pauses_the_integration_and_a_reconnect_recreates_it_and_syncs() {
+    let mut fleet = Fleet::start().await;
+    let integration = fleet.connect(WS, |_| {}).await;
+    fleet.spawn_consumer().await;
+    fleet.spawn_replayer().await;
+    fleet.publish(&versioned(WS, 760, 1)).await;
+    wait_all_at(&fleet, &[760], 1, Duration::from_secs(10)).await;
+
+    // Someone deletes "Thena Requests" in Vitally's UI.
+    assert!(
+        fleet
+            .fake
+            .delete_custom_object(&integration.custom_object_id)
+    );
+    fleet.publish(&versioned(WS, 760, 2)).await;
+    fleet.publish(&versioned(WS, 761, 1)).await;
+    wait_health(&fleet, Health::ObjectMissing, Duration::from_secs(10)).await;
+    assert_eq!(fleet.count("parked", None), 0);
+
+    // A reconnect creates the object again; the held events land in it.
+    let reconnected = fleet.connect(WS, |_| {}).await;
+    assert_ne!(reconnected.custom_object_id, integration.custom_object_id);
+    assert_eq!(reconnected.established_at, integration.established_at);
+    wait_until(
+        "both requests in the new object",
+        Duration::from_secs(20),
+        || async {
+            let at = |id, v: &str| {
+                let found = fleet.instances_for(WS, id);
+                found.len() == 1 && status_of(&found[0]) == v
+            };
+            (at(760, "v2") && at(761, "v1")).then_some(())
+        },
+    )
+    .await;
+    fleet.stop().await;
+}

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Path, State},
     http::StatusCode,
-    routing::{get, post, put},
+    routing::{delete, get, post, put},
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -31,6 +31,7 @@ pub(crate) fn routes() -> Router<FakeVitally> {
             "/_fake/auth-headers",
             post(add_auth_header).put(rotate_auth_header),
         )
+        .route("/_fake/custom-objects/{id}", delete(delete_custom_object))
         .route("/_fake/healthz", get(healthz))
 }
 
@@ -118,6 +119,17 @@ async fn rotate_auth_header(
     }
     fake.rotate_auth_header(body.header);
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_custom_object(
+    State(fake): State<FakeVitally>,
+    Path(id): Path<String>,
+) -> StatusCode {
+    if fake.delete_custom_object(&id) {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::NOT_FOUND
+    }
 }
 
 async fn healthz() -> Json<Value> {

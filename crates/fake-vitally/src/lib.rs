@@ -27,6 +27,7 @@
 //! | `DELETE /_fake/faults` | | 204 |
 //! | `PUT /_fake/rate-limit` | `{"limit": 5, "window_ms": 1000}` | 204 |
 //! | `POST /_fake/auth-headers` | `{"header": "Basic ..."}` | 204 (also accept it) |
+//! | `DELETE /_fake/custom-objects/{id}` | — | 204, or 404 (the object was deleted in Vitally's UI) |
 //! | `PUT /_fake/auth-headers` | `{"header": "Basic ..."}` | 204 (a key rotation: accept only it) |
 //! | `GET /_fake/healthz` | | 200 `{"status": "ok"}` |
 
@@ -227,6 +228,11 @@ impl FakeVitally {
     /// rejected with 401.
     pub fn rotate_auth_header(&self, header: String) {
         *lock(&self.shared.auth_headers) = vec![header];
+    }
+
+    /// The fault "the object was deleted in Vitally": the object and its instances go.
+    pub fn delete_custom_object(&self, id: &str) -> bool {
+        self.store().delete_custom_object(id)
     }
 
     /// All custom object instances, in creation order.

@@ -618,6 +618,15 @@ impl Store {
         Ok(object)
     }
 
+    /// Someone deleted the object in Vitally's UI (the REST API cannot): it and its
+    /// instances are gone, and calls on it answer 404. `false` if there was none.
+    pub(crate) fn delete_custom_object(&mut self, id: &str) -> bool {
+        let before = self.custom_objects.len();
+        self.custom_objects.retain(|o| o.id != id);
+        self.instances.retain(|i| i.custom_object_id != id);
+        self.custom_objects.len() < before
+    }
+
     pub(crate) fn list_custom_objects(&self, page: &PageRequest) -> Page<CustomObject> {
         page.page(self.custom_objects.iter().enumerate(), |o| o.updated_at)
     }

@@ -287,6 +287,42 @@ async fn a_rotated_key_rejects_the_old_header_and_accepts_the_new_one() {
 }
 
 #[tokio::test]
+async fn a_custom_object_deleted_in_the_ui_answers_404_with_its_instances_gone() {
+    let h = Harness::start().await;
+    let object = h.requests_object().await;
+    let org = h.organization("acme").await;
+    let instances = format!("/resources/customObjects/{object}/instances");
+    let created = h
+        .post(
+            &instances,
+            json!({"name": "r1", "externalId": "x1", "organizationId": org, "traits": {}}),
+        )
+        .await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    let deleted = h
+        .admin(
+            Method::DELETE,
+            &format!("/_fake/custom-objects/{object}"),
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, 204);
+    assert!(h.fake.instances().is_empty());
+    let search = h
+        .get_query(&format!("{instances}/search"), &[("externalId", "x1")])
+        .await;
+    assert_eq!(search.status, 404);
+    let again = h
+        .admin(
+            Method::DELETE,
+            &format!("/_fake/custom-objects/{object}"),
+            None,
+        )
+        .await;
+    assert_eq!(again.status, 404);
+}
+
+#[tokio::test]
 async fn an_unknown_resource_path_is_a_404_only_after_authentication() {
     let h = Harness::start().await;
     assert_eq!(

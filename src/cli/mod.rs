@@ -2,6 +2,7 @@
 
 mod dlq;
 mod integrations;
+mod requests;
 mod roles;
 
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ enum Command {
     /// Connect, inspect and change Vitally integrations (one per Slack workspace).
     #[command(subcommand)]
     Integrations(integrations::IntegrationsCommand),
+    /// Where did a request go? Show, list and resync requests from the ledger.
+    #[command(subcommand)]
+    Requests(requests::RequestsCommand),
     /// Create the PostgreSQL database if missing and apply the schema migrations (every
     /// role also does this on start).
     Migrate,
@@ -90,6 +94,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // lapin reports its own connections closing at the end as errors: noise here.
             telemetry::init_tracing(config.log_format, "warn,lapin=off");
             roles::demo(config, args).await
+        }
+        Command::Requests(command) => {
+            telemetry::init_tracing(config.log_format, "warn,thena::audit=info");
+            requests::run(config, command).await
         }
         Command::Migrate => {
             telemetry::init_tracing(config.log_format, "warn");

@@ -202,6 +202,70 @@ pub(crate) async fn history(
     ))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RequestsQuery {
+    outcome: Option<String>,
+    reason: Option<String>,
+    since: Option<DateTime<Utc>>,
+    after: Option<u64>,
+    limit: Option<i64>,
+}
+
+/// `GET /v1/integrations/{workspace_id}/requests`: the ledger, filtered, in request-id
+/// order; `next` is the `after` of the next page.
+pub(crate) async fn list_requests(
+    State(state): State<AppState>,
+    Path(workspace_id): Path<String>,
+    query: Result<Query<RequestsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let filter = thena_store::ledger::Filter {
+        outcome: query.outcome,
+        reason: query.reason,
+        since: query.since,
+        ids: Vec::new(),
+        after: query.after,
+    };
+    let page = state
+        .ledger()
+        .list(&workspace_id, &filter, limit)
+        .await
+        .map_err(|e| store_error(&StoreError::Db(e)))?;
+    Ok(Json(json!({
+        "workspace_id": workspace_id,
+        "requests": page.requests,
+        "next": page.next,
+    })))
+}
+
+/// `GET /v1/integrations/{workspace_id}/requests/{request_id}`: one request's ledger row,
+/// its latest snapshot and its history.
+pub(crate) async fn show_request(
+    State(state): State<AppState>,
+    Path((workspace_id, request_id)): Path<(String, u64)>,
+) -> Result<Json<Value>, ApiError> {
+    let record = state
+        .ledger()
+        .show(&workspace_id, request_id, 50)
+        .await
+        .map_err(|e| store_error(&StoreError::Db(e)))?;
+    match record {
+        Some(record) => Ok(Json(json!(record))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("request {request_id} of workspace {workspace_id} never reached the fleet"),
+        )),
+    }
+}
+
 pub(crate) async fn disconnect(
     State(state): State<AppState>,
     Path(workspace_id): Path<String>,

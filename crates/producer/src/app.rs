@@ -11,6 +11,7 @@ use axum::{
 use thena_broker::{Broker, Publisher};
 use thena_events::Limits;
 use thena_runtime::ops::Readiness;
+use thena_store::ledger::Ledger;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use vitally_client::{client::VitallyHttp, integrations::IntegrationStore};
@@ -42,16 +43,19 @@ struct Inner {
     deps: AppDeps,
     metrics: IngestMetrics,
     limits: Limits,
+    ledger: Ledger,
 }
 
 impl AppState {
     pub fn new(config: ProducerConfig, deps: AppDeps, metrics: IngestMetrics) -> Self {
+        let ledger = Ledger::read_only(deps.integrations.db().clone());
         Self {
             inner: Arc::new(Inner {
                 config,
                 deps,
                 metrics,
                 limits: Limits::default(),
+                ledger,
             }),
         }
     }
@@ -86,6 +90,10 @@ impl AppState {
 
     pub(crate) fn vitally(&self) -> &VitallyHttp {
         &self.inner.deps.vitally
+    }
+
+    pub(crate) fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
     }
 }
 
@@ -144,6 +152,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/integrations/{workspace_id}/history",
             get(admin::history),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/requests",
+            get(admin::list_requests),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/requests/{request_id}",
+            get(admin::show_request),
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

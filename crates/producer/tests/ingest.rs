@@ -842,6 +842,11 @@ const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/v1/integrations/{workspace_id}"),
     ("DELETE", "/v1/integrations/{workspace_id}"),
     ("GET", "/v1/integrations/{workspace_id}/history"),
+    ("GET", "/v1/integrations/{workspace_id}/requests"),
+    (
+        "GET",
+        "/v1/integrations/{workspace_id}/requests/{request_id}",
+    ),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/openapi.json"),

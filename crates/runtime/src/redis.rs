@@ -15,3 +15,22 @@ pub async fn connect(url: &SecretString) -> redis::RedisResult<ConnectionManager
         .set_max_delay(Duration::from_secs(2));
     ConnectionManager::new_with_config(client, config).await
 }
+
+/// Deletes every key matching `pattern` (SCAN, then DEL in chunks); returns how many.
+pub async fn delete_matching(
+    conn: &mut ConnectionManager,
+    pattern: &str,
+) -> redis::RedisResult<usize> {
+    let mut keys: Vec<String> = Vec::new();
+    {
+        let mut iter: redis::AsyncIter<'_, String> =
+            redis::AsyncCommands::scan_match(conn, pattern).await?;
+        while let Some(key) = iter.next_item().await {
+            keys.push(key?);
+        }
+    }
+    for chunk in keys.chunks(500) {
+        let _: () = redis::AsyncCommands::del(conn, chunk).await?;
+    }
+    Ok(keys.len())
+}

@@ -6,6 +6,7 @@
 //! pool whose connections all use the deployment's schema (`DATABASE_SCHEMA`), so tests
 //! and demo runs each get their own schema in one database and drop it afterwards.
 
+pub mod ledger;
 pub mod migrate;
 pub mod notify;
 
@@ -222,7 +223,9 @@ impl Db {
         let row = client
             .query_opt(&statement, &[&workspace, &(request_id as i64)])
             .await?;
-        Ok(row.map(|row| row.get::<_, i64>(0) as u64))
+        Ok(row
+            .and_then(|row| row.get::<_, Option<i64>>(0))
+            .map(|v| v as u64))
     }
 
     /// Records that Vitally has `version`; never moves the record backwards. Returns the
@@ -236,11 +239,12 @@ impl Db {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
-                "INSERT INTO requests (workspace_id, request_id, synced_version)
-                 VALUES ($1, $2, $3)
+                "INSERT INTO requests (workspace_id, request_id, synced_version, synced_at)
+                 VALUES ($1, $2, $3, now())
                  ON CONFLICT (workspace_id, request_id) DO UPDATE
                  SET synced_version = GREATEST(requests.synced_version, EXCLUDED.synced_version),
-                     synced_at = CASE WHEN EXCLUDED.synced_version > requests.synced_version
+                     synced_at = CASE WHEN requests.synced_version IS NULL
+                                        OR EXCLUDED.synced_version > requests.synced_version
                                       THEN now() ELSE requests.synced_at END
                  RETURNING synced_version",
             )

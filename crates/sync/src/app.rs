@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context;
 use thena_broker::{Broker, Topology};
 use thena_runtime::{Config, ops::Readiness};
+use thena_store::ledger::Ledger;
 use vitally_client::{
     client::VitallyHttp,
     integrations::{IntegrationCache, IntegrationStore},
@@ -71,7 +72,7 @@ pub async fn build_worker(
         metrics: metrics.clone(),
     };
     let pipeline = Pipeline {
-        integrations: IntegrationCache::new(store, config.cache.integration_refresh),
+        integrations: IntegrationCache::new(store.clone(), config.cache.integration_refresh),
         http,
         limiter,
         cache: Cache::new(redis.clone(), &config.redis_prefix, metrics.clone()),
@@ -92,6 +93,7 @@ pub async fn build_worker(
         },
         metrics: metrics.clone(),
         keys,
+        ledger: Some(Ledger::start(store.db().clone())),
     };
     Ok(Worker {
         broker,

@@ -66,6 +66,24 @@ impl NoLink {
     }
 }
 
+/// The product doc's linking-table row for these memberships, as the ledger shows it:
+/// `"1 organization × many accounts"`.
+pub fn table_row(organization_ids: &[String], account_ids: &[String]) -> String {
+    fn count(ids: &[String], one: &str, many: &str) -> String {
+        let distinct: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+        match distinct.len() {
+            0 => format!("no {one}"),
+            1 => format!("1 {one}"),
+            _ => format!("many {many}"),
+        }
+    }
+    format!(
+        "{} × {}",
+        count(organization_ids, "organization", "organizations"),
+        count(account_ids, "account", "accounts")
+    )
+}
+
 /// What the linking table says for one user's memberships.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserLink {
@@ -174,6 +192,24 @@ pub fn choose_by_domain(users_at_domain: &[Memberships]) -> DomainChoice {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_table_row_counts_distinct_memberships() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            table_row(&ids(&["o"]), &ids(&["a"])),
+            "1 organization × 1 account"
+        );
+        assert_eq!(
+            table_row(&ids(&[]), &ids(&["a", "b", "a"])),
+            "no organization × many accounts"
+        );
+        assert_eq!(
+            table_row(&ids(&["o", "o"]), &ids(&[])),
+            "1 organization × no account"
+        );
+    }
+
     use super::*;
 
     fn ids(n: usize, prefix: &str) -> Vec<String> {

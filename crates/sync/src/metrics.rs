@@ -1,7 +1,8 @@
 //! The consumer's Prometheus metrics (prefix `thena_vitally_`).
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 #[derive(Clone)]
@@ -16,6 +17,8 @@ pub struct SyncMetrics {
     pub integration_paused: IntGaugeVec,
     /// Integrations this replica cannot decrypt.
     pub undecryptable: IntGauge,
+    /// Returning messages resolved to a newer snapshot of their request.
+    pub coalesced: IntCounter,
 }
 
 impl SyncMetrics {
@@ -29,6 +32,7 @@ impl SyncMetrics {
         registry.register(Box::new(metrics.in_flight.clone()))?;
         registry.register(Box::new(metrics.integration_paused.clone()))?;
         registry.register(Box::new(metrics.undecryptable.clone()))?;
+        registry.register(Box::new(metrics.coalesced.clone()))?;
         Ok(metrics)
     }
 
@@ -68,6 +72,10 @@ impl SyncMetrics {
                     "1 while an integration is paused (auth_rejected, object_missing): its events are held",
                 ),
                 &["workspace", "reason"],
+            )?,
+            coalesced: IntCounter::new(
+                "thena_vitally_events_coalesced_total",
+                "Deferred, retried or held messages processed as their request's newer snapshot",
             )?,
             undecryptable: IntGauge::new(
                 "thena_vitally_integrations_undecryptable",

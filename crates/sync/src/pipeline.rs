@@ -11,8 +11,10 @@ use std::{
 };
 
 use chrono::Utc;
-use thena_events::RequestChanged;
+use serde_json::{Value, json};
+use thena_events::{RequestChanged, decode_event};
 use thena_runtime::ops::Readiness;
+use thena_store::ledger::Ledger;
 use vitally_client::{
     client::{InstanceBody, NewUser, User, VitallyClient, VitallyHttp},
     error::{ErrorClass, ErrorKind, VitallyError},
@@ -27,7 +29,7 @@ use crate::{
     guard::{LockError, RequestGuards, VersionError},
     linking::{
         DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
-        link_user,
+        link_user, table_row,
     },
     metrics::SyncMetrics,
     outcome::{Outcome, Skip},
@@ -59,6 +61,30 @@ pub struct PipelineSettings {
     pub actor: String,
 }
 
+/// What the pipeline learnt about one event beyond its outcome, for the ledger.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Trace {
+    /// The version actually processed (newer than the message's when coalesced).
+    pub version: Option<u64>,
+    /// How the request was linked: the rule, the target, whether a user was created.
+    pub link: Option<Value>,
+    pub instance_id: Option<String>,
+}
+
+/// Collects a [`Trace`] while an event's steps run.
+#[derive(Default)]
+struct Tracer(std::sync::Mutex<Trace>);
+
+impl Tracer {
+    fn update(&self, change: impl FnOnce(&mut Trace)) {
+        change(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn take(self) -> Trace {
+        self.0.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Everything the pipeline talks to, shared by all in-flight events.
 pub struct Pipeline {
     pub integrations: IntegrationCache,
@@ -70,6 +96,8 @@ pub struct Pipeline {
     pub metrics: SyncMetrics,
     /// Workspaces whose header this replica cannot decrypt; `/readyz` fails while any.
     pub keys: KeyHealth,
+    /// Where each request went; also the latest snapshot of each, for coalescing.
+    pub ledger: Option<Ledger>,
 }
 
 /// Tracks integrations this replica cannot decrypt (a missing or wrong
@@ -343,11 +371,54 @@ impl Session<'_> {
 }
 
 impl Pipeline {
-    /// Processes one decoded event to its outcome.
-    pub async fn process(&self, event: &RequestChanged) -> Outcome {
-        match self.try_process(event).await {
+    /// Processes one decoded event to its outcome. A `returning` message (deferred,
+    /// retried, held, redelivered) is first resolved to its request's latest snapshot:
+    /// older messages of a request then cost no Vitally call, and a burst of changes
+    /// that waited out a budget costs one write.
+    pub async fn process(&self, event: &RequestChanged, returning: bool) -> (Outcome, Trace) {
+        let newer = if returning {
+            self.coalesce(event).await
+        } else {
+            None
+        };
+        let event = newer.as_ref().unwrap_or(event);
+        let tracer = Tracer::default();
+        tracer.update(|t| t.version = Some(event.request.version));
+        let outcome = match self.try_process(event, &tracer).await {
             Ok(outcome) => outcome,
             Err(error) => error.into_outcome(),
+        };
+        (outcome, tracer.take())
+    }
+
+    /// The ledger's snapshot of this request, if it is newer than the message's.
+    async fn coalesce(&self, event: &RequestChanged) -> Option<RequestChanged> {
+        let ledger = self.ledger.as_ref()?;
+        let stored = ledger
+            .latest_snapshot(&event.workspace_id, event.request.id)
+            .await;
+        match stored {
+            Ok(Some((version, snapshot))) if version > event.request.version => {
+                let decoded = serde_json::to_vec(&snapshot)
+                    .map_err(|e| e.to_string())
+                    .and_then(|raw| decode_event(&raw).map_err(|e| e.to_string()));
+                match decoded {
+                    Ok(newer) => {
+                        self.metrics.coalesced.inc();
+                        Some(newer)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the ledger's snapshot does not decode; processing the message as sent");
+                        None
+                    }
+                }
+            }
+            Ok(_) => None,
+            // Processing the message as sent is correct, only costlier.
+            Err(e) => {
+                tracing::debug!(error = %e, "ledger unavailable for coalescing");
+                None
+            }
         }
     }
 
@@ -396,7 +467,11 @@ impl Pipeline {
         }
     }
 
-    async fn try_process(&self, event: &RequestChanged) -> Result<Outcome, StepError> {
+    async fn try_process(
+        &self,
+        event: &RequestChanged,
+        tracer: &Tracer,
+    ) -> Result<Outcome, StepError> {
         let Some(integration) = self.integration(&event.workspace_id).await? else {
             return Ok(Outcome::Park {
                 reason: "no_integration".into(),
@@ -436,7 +511,9 @@ impl Pipeline {
         // lock and, for a new request, create a second instance.
         let lease = self.settings.lock_ttl.mul_f64(0.75);
         let result =
-            match tokio::time::timeout(lease, self.locked(event, &integration, may_update)).await {
+            match tokio::time::timeout(lease, self.locked(event, &integration, may_update, tracer))
+                .await
+            {
                 Ok(result) => result,
                 Err(_) => Err(StepError::LeaseExpired(lease)),
             };
@@ -453,6 +530,7 @@ impl Pipeline {
         event: &RequestChanged,
         integration: &Arc<Integration>,
         may_update: bool,
+        tracer: &Tracer,
     ) -> Result<Outcome, StepError> {
         let ws = event.workspace_id.as_str();
         let last = self
@@ -484,7 +562,7 @@ impl Pipeline {
                 .max(IN_EVENT_WAIT.min(self.settings.lock_ttl / 8)),
             started: AtomicBool::new(false),
         };
-        let target = match self.resolve_target(&session, event).await? {
+        let target = match self.resolve_target(&session, event, tracer).await? {
             Ok(target) => target,
             Err(no_link) => return Ok(Outcome::Skipped(Skip::NoLink(no_link))),
         };
@@ -522,7 +600,10 @@ impl Pipeline {
             traits: mapped.traits,
         };
 
-        let outcome = match self.upsert(&session, integration, &body, may_update).await {
+        let outcome = match self
+            .upsert(&session, integration, &body, may_update, tracer)
+            .await
+        {
             // The object changed under us (a trait renamed or removed in Vitally): re-read
             // its fields now rather than at the next refresh; if they moved, try again.
             Err(StepError::Vitally(error)) if rejects_a_trait(&error) => {
@@ -619,6 +700,7 @@ impl Pipeline {
         integration: &Integration,
         body: &InstanceBody,
         may_update: bool,
+        tracer: &Tracer,
     ) -> Result<Outcome, StepError> {
         let object = integration.custom_object_id.as_str();
         let cache_id = format!("{}:{}", integration.workspace_id, body.external_id);
@@ -638,6 +720,7 @@ impl Pipeline {
             .await?;
 
         if let Some(id) = cached {
+            tracer.update(|t| t.instance_id = Some(id.clone()));
             if !may_update {
                 return Ok(Outcome::Skipped(Skip::UpdateDisabled));
             }
@@ -653,6 +736,7 @@ impl Pipeline {
                         .object_call(session.client.find_instance(object, &body.external_id))
                         .await?
                     {
+                        tracer.update(|t| t.instance_id = Some(found.id.clone()));
                         session
                             .call(session.client.update_instance(object, &found.id, body))
                             .await?;
@@ -668,6 +752,7 @@ impl Pipeline {
         let created = session
             .object_call(session.client.create_instance(object, body))
             .await?;
+        tracer.update(|t| t.instance_id = Some(created.id.clone()));
         self.cache
             .put("instance", &cache_id, Some(&created.id), ttl)
             .await;
@@ -679,6 +764,7 @@ impl Pipeline {
         &self,
         session: &Session<'_>,
         event: &RequestChanged,
+        tracer: &Tracer,
     ) -> Result<Result<Target, NoLink>, StepError> {
         let ws = event.workspace_id.as_str();
         let Some(email) = event
@@ -689,6 +775,13 @@ impl Pipeline {
             .map(|e| e.trim().to_ascii_lowercase())
             .filter(|e| !e.is_empty())
         else {
+            tracer.update(|t| {
+                t.link = Some(link_trace(
+                    "no email: nothing to link by",
+                    &Err(NoLink::NoEmail),
+                    false,
+                ))
+            });
             return Ok(Err(NoLink::NoEmail));
         };
         let user_ttl = Ttl {
@@ -707,21 +800,33 @@ impl Pipeline {
             Some(m) => link_user(&m.organization_ids, &m.account_ids),
             None => UserLink::Unlinked,
         };
-        match link {
-            UserLink::Link(target) => Ok(Ok(target)),
-            UserLink::NoSync(reason) => Ok(Err(reason)),
+        let row = memberships.as_ref().map_or_else(
+            || "user not found in Vitally".to_owned(),
+            |m| {
+                format!(
+                    "linking table: {}",
+                    table_row(&m.organization_ids, &m.account_ids)
+                )
+            },
+        );
+        let linked = match link {
+            UserLink::Link(target) => Ok(target),
+            UserLink::NoSync(reason) => Err(reason),
             UserLink::AccountAndItsOrganization(account) => {
                 let organization = self.account_organization(session, ws, &account).await?;
-                Ok(Ok(Target {
+                Ok(Target {
                     account_id: Some(account),
                     organization_id: organization,
-                }))
+                })
             }
             UserLink::Unlinked => {
-                self.domain_fallback(session, event, &email, memberships.is_some())
-                    .await
+                return self
+                    .domain_fallback(session, event, &email, memberships.is_some(), &row, tracer)
+                    .await;
             }
-        }
+        };
+        tracer.update(|t| t.link = Some(link_trace(&row, &linked, false)));
+        Ok(linked)
     }
 
     async fn account_organization(
@@ -750,17 +855,24 @@ impl Pipeline {
         event: &RequestChanged,
         email: &str,
         user_exists: bool,
+        row: &str,
+        tracer: &Tracer,
     ) -> Result<Result<Target, NoLink>, StepError> {
         let ws = event.workspace_id.as_str();
         let Some(domain) = event.request.requestor.email_domain() else {
             return Ok(Err(NoLink::NoEmail));
         };
+        let rule = format!("{row}; domain fallback on {domain}");
         if is_free_mail(&domain, &self.settings.free_mail_domains) {
+            tracer
+                .update(|t| t.link = Some(link_trace(&rule, &Err(NoLink::FreeMailDomain), false)));
             return Ok(Err(NoLink::FreeMailDomain));
         }
+        // "Nobody at this domain" is an absence: cached like one, so a customer who adds
+        // a user there is seen within CACHE_TTL_NEGATIVE, not CACHE_TTL_DOMAIN.
         let ttl = Ttl {
             found: self.settings.domain_ttl,
-            not_found: None,
+            not_found: Some(self.settings.negative_ttl),
         };
         let choice = self
             .cache
@@ -769,13 +881,20 @@ impl Pipeline {
                     .call(session.client.users_by_email_domain(&domain))
                     .await?;
                 let members: Vec<Memberships> = users.iter().map(memberships_of).collect();
-                Ok::<_, StepError>(Some(choose_by_domain(&members)))
+                Ok::<_, StepError>(match choose_by_domain(&members) {
+                    DomainChoice::NoSync(crate::linking::DomainNoSync::Unknown) => None,
+                    known => Some(known),
+                })
             })
             .await?
             .unwrap_or(DomainChoice::NoSync(crate::linking::DomainNoSync::Unknown));
 
         let (target, new_user) = match choice {
-            DomainChoice::NoSync(reason) => return Ok(Err(reason.into())),
+            DomainChoice::NoSync(reason) => {
+                let no_link = NoLink::from(reason);
+                tracer.update(|t| t.link = Some(link_trace(&rule, &Err(no_link), false)));
+                return Ok(Err(no_link));
+            }
             DomainChoice::Account(account) => (
                 Target::account(&account),
                 Memberships {
@@ -814,7 +933,22 @@ impl Pipeline {
                 .put("user", &format!("{ws}:{email}"), Some(&new_user), user_ttl)
                 .await;
         }
-        Ok(Ok(target))
+        let linked = Ok(target);
+        tracer.update(|t| t.link = Some(link_trace(&rule, &linked, !user_exists)));
+        Ok(linked)
+    }
+}
+
+/// The ledger's view of a linking decision.
+fn link_trace(rule: &str, linked: &Result<Target, NoLink>, user_created: bool) -> Value {
+    match linked {
+        Ok(target) => json!({
+            "rule": rule,
+            "organization_id": target.organization_id,
+            "account_id": target.account_id,
+            "user_created": user_created,
+        }),
+        Err(no_link) => json!({"rule": rule, "no_sync": no_link.as_str()}),
     }
 }
 

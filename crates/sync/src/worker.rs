@@ -22,7 +22,13 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::{metrics::SyncMetrics, outcome::Outcome, pipeline::Pipeline};
+use thena_store::ledger::{Entry, Ledger};
+
+use crate::{
+    metrics::SyncMetrics,
+    outcome::Outcome,
+    pipeline::{Pipeline, Trace},
+};
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -61,6 +67,7 @@ struct Settler {
     metrics: SyncMetrics,
     observer: Option<mpsc::UnboundedSender<Settled>>,
     hold_wait: Duration,
+    ledger: Option<Ledger>,
 }
 
 impl Worker {
@@ -187,6 +194,7 @@ impl Worker {
             metrics: self.metrics.clone(),
             observer: self.observer.clone(),
             hold_wait: self.settings.hold_wait,
+            ledger: self.pipeline.ledger.clone(),
         };
         Ok((channel, consumer, settler))
     }
@@ -227,7 +235,14 @@ impl Settler {
     async fn handle(&self, pipeline: &Pipeline, delivery: Delivery) {
         let timer = self.metrics.processing.start_timer();
         self.metrics.in_flight.inc();
-        let (outcome, event) = match decode_event(&delivery.data) {
+        // Deferred, retried and held messages come back through a delay queue (x-death).
+        let returning = delivery.redelivered
+            || delivery
+                .properties
+                .headers()
+                .as_ref()
+                .is_some_and(|h| h.inner().contains_key("x-death"));
+        let (outcome, trace, event) = match decode_event(&delivery.data) {
             Ok(event) => {
                 let span = tracing::info_span!(
                     "event",
@@ -236,18 +251,26 @@ impl Settler {
                     version = event.request.version,
                     event_id = %event.event_id,
                 );
-                let outcome = pipeline.process(&event).instrument(span).await;
-                (outcome, Some(event))
+                let (outcome, trace) = pipeline.process(&event, returning).instrument(span).await;
+                (outcome, trace, Some(event))
             }
             Err(e) => (
                 Outcome::Park {
                     reason: "undecodable".into(),
                     error: e.to_string(),
                 },
+                Trace::default(),
                 None,
             ),
         };
-        self.settle(&delivery, &outcome, event.as_ref()).await;
+        if let Err(e) = self.write_ledger(&outcome, &trace, event.as_ref()).await {
+            // Never acked before the ledger knows: keep it in the queue instead.
+            let (label, reason) = outcome.labels();
+            self.requeue(&delivery, label, &reason, &e.to_string())
+                .await;
+        } else {
+            self.settle(&delivery, &outcome, event.as_ref()).await;
+        }
         self.metrics.in_flight.dec();
         timer.observe_duration();
     }
@@ -334,22 +357,65 @@ impl Settler {
                     });
                 }
             }
-            Err(e) => {
-                // Could not hand it on: keep it in the queue rather than lose it.
-                self.metrics
-                    .events
-                    .with_label_values(&["requeued", &reason])
-                    .inc();
-                tracing::warn!(error = %e, outcome = label, reason, "hand-off failed; requeueing");
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                };
-                if let Err(e) = delivery.nack(requeue).await {
-                    tracing::warn!(error = %e, "nack failed; the broker redelivers on reconnect");
-                }
-            }
+            // Could not hand it on: keep it in the queue rather than lose it.
+            Err(e) => self.requeue(delivery, label, &reason, &e.to_string()).await,
         }
+    }
+
+    async fn requeue(&self, delivery: &Delivery, label: &str, reason: &str, error: &str) {
+        self.metrics
+            .events
+            .with_label_values(&["requeued", reason])
+            .inc();
+        tracing::warn!(
+            error,
+            outcome = label,
+            reason,
+            "hand-off failed; requeueing"
+        );
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        if let Err(e) = delivery.nack(requeue).await {
+            tracing::warn!(error = %e, "nack failed; the broker redelivers on reconnect");
+        }
+    }
+
+    /// The event's line in the request ledger, durable before anything else happens.
+    async fn write_ledger(
+        &self,
+        outcome: &Outcome,
+        trace: &Trace,
+        event: Option<&RequestChanged>,
+    ) -> Result<(), thena_store::DbError> {
+        let (Some(ledger), Some(event)) = (&self.ledger, event) else {
+            return Ok(());
+        };
+        let (label, reason) = outcome.labels();
+        let (detail, failed_attempt) = match outcome {
+            Outcome::Retry { error, .. } | Outcome::Park { error, .. } => {
+                (Some(error.clone()), true)
+            }
+            Outcome::Synced { .. }
+            | Outcome::Skipped(_)
+            | Outcome::Deferred { .. }
+            | Outcome::Held { .. } => (None, false),
+        };
+        ledger
+            .record(Entry {
+                workspace_id: event.workspace_id.clone(),
+                request_id: event.request.id,
+                version: trace.version.unwrap_or(event.request.version),
+                snapshot: serde_json::to_value(event).ok(),
+                outcome: label,
+                reason,
+                detail,
+                link: trace.link.clone(),
+                instance_id: trace.instance_id.clone(),
+                failed_attempt,
+            })
+            .await
     }
 
     fn failure(

@@ -45,6 +45,17 @@ pub enum RequestsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Re-evaluate the decision for the latest snapshot against live Vitally, step by
+    /// step, writing nothing (no instance, no user, no cache entry).
+    Explain {
+        /// The Slack workspace id.
+        workspace: String,
+        /// The Thena request id.
+        request_id: u64,
+        /// Print JSON (with the traits that would be written).
+        #[arg(long)]
+        json: bool,
+    },
     /// Send the latest stored snapshots through the pipeline again (e.g. after a user was
     /// added in Vitally for a request skipped as domain_unknown).
     Resync {
@@ -165,6 +176,11 @@ pub async fn run(config: Config, command: RequestsCommand) -> anyhow::Result<()>
             }
             Ok(())
         }
+        RequestsCommand::Explain {
+            workspace,
+            request_id,
+            json,
+        } => explain(&config, &ledger, &workspace, request_id, json).await,
         RequestsCommand::Resync {
             workspace,
             filter,
@@ -180,6 +196,52 @@ pub async fn run(config: Config, command: RequestsCommand) -> anyhow::Result<()>
             resync(&config, &ledger, &workspace, filter, dry_run, rate, &actor).await
         }
     }
+}
+
+async fn explain(
+    config: &Config,
+    ledger: &Ledger,
+    workspace: &str,
+    request_id: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let Some((_, snapshot)) = ledger.latest_snapshot(workspace, request_id).await? else {
+        anyhow::bail!("request {request_id} of workspace {workspace} never reached the fleet");
+    };
+    let event = thena_events::decode_event(&serde_json::to_vec(&snapshot)?)
+        .context("the stored snapshot")?;
+    let store = vitally_client::integrations::IntegrationStore::from_config(config).await?;
+    let Some(integration) = store.get(workspace).await? else {
+        anyhow::bail!("workspace {workspace} is not connected");
+    };
+    let http = vitally_client::client::VitallyHttp::new(
+        config.vitally.timeout,
+        vitally_client::metrics::VitallyMetrics::unregistered(),
+    )?;
+    let options = vitally_client::mapping::MappingOptions {
+        textarea_limit: config.vitally.textarea_limit,
+    };
+    let explanation = thena_sync::explain::explain(
+        &integration.client(&http),
+        &integration,
+        &event,
+        &config.free_mail_domains,
+        &options,
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&explanation)?);
+        return Ok(());
+    }
+    println!(
+        "request {request_id} v{} of workspace {workspace}, explained against Vitally now:",
+        event.request.version
+    );
+    for (n, step) in explanation.steps.iter().enumerate() {
+        println!("  {}. {step}", n + 1);
+    }
+    println!("→ {}", explanation.verdict);
+    Ok(())
 }
 
 async fn resync(

@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 use chrono::Utc;
 use thena_demo::customers::{Expect, PERSONAS};
 use thena_events::sample;
-use thena_store::ledger::{Ledger, RequestRecord};
+use thena_store::ledger::{Entry, Ledger, RequestRecord};
 use thena_testkit::wait_until;
 
 use crate::support::{Fleet, WS, versioned, wait_all_at};
@@ -250,5 +250,59 @@ async fn a_burst_of_changes_that_waited_for_budget_costs_far_fewer_writes_than_c
     for id in &ids {
         assert_eq!(record(&fleet, *id).await.synced_version, Some(10));
     }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_narrates_each_step_against_live_vitally_and_writes_nothing() {
+    let fleet = Fleet::start().await;
+    fleet.connect(WS, |_| {}).await;
+    // Snapshots the ledger received (no consumer ran: nothing was decided yet). An
+    // unknown requestor at a domain with one account, and one at a free-mail domain.
+    let writer = Ledger::start(fleet.store.db().clone());
+    for (id, email) in [(5000, "newbie@initech.com"), (5001, "someone@gmail.com")] {
+        let event = sample::event(WS, id, 1, Some(email));
+        writer
+            .record(Entry {
+                workspace_id: WS.into(),
+                request_id: id,
+                version: 1,
+                snapshot: Some(serde_json::to_value(&event).unwrap()),
+                outcome: "deferred",
+                reason: "rate_budget".into(),
+                detail: None,
+                link: None,
+                instance_id: None,
+                failed_attempt: false,
+            })
+            .await
+            .unwrap();
+    }
+    fleet.fake.reset_calls();
+
+    let (ok, explained) = cli(&fleet, &["requests", "explain", WS, "5000"]);
+    println!("{explained}");
+    assert!(ok, "{explained}");
+    for step in [
+        "user newbie@initech.com: not in Vitally",
+        "domain fallback: one account, acc-initech (the requestor would be created there as a user)",
+        "would create instance thena:T-ACME:5000",
+    ] {
+        assert!(explained.contains(step), "missing {step:?} in {explained}");
+    }
+    let (ok, free) = cli(&fleet, &["requests", "explain", WS, "5001", "--json"]);
+    assert!(ok, "{free}");
+    let free: serde_json::Value = serde_json::from_str(free.trim()).unwrap();
+    assert_eq!(free["verdict"], "no sync: free_mail_domain");
+
+    let calls = fleet.fake.calls();
+    let writes: u64 = calls
+        .by_route
+        .iter()
+        .filter(|(route, _)| !route.starts_with("GET "))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(calls.total > 0, "explain asked Vitally");
+    assert_eq!(writes, 0, "explain wrote to Vitally: {:?}", calls.by_route);
     fleet.stop().await;
 }

@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod cache;
+pub mod explain;
 pub mod guard;
 pub mod health;
 pub mod linking;

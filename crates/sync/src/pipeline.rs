@@ -975,7 +975,7 @@ fn connect_step_error(error: ConnectError) -> StepError {
     }
 }
 
-fn memberships_of(user: &User) -> Memberships {
+pub(crate) fn memberships_of(user: &User) -> Memberships {
     Memberships {
         organization_ids: user.organization_ids.clone(),
         account_ids: user.account_ids.clone(),
@@ -983,7 +983,7 @@ fn memberships_of(user: &User) -> Memberships {
 }
 
 /// Several Vitally users can share an address; link by all their memberships together.
-fn merge_memberships(users: &[User]) -> Option<Memberships> {
+pub(crate) fn merge_memberships(users: &[User]) -> Option<Memberships> {
     if users.is_empty() {
         return None;
     }

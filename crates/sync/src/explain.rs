@@ -1,0 +1,215 @@
+//! `requests explain`: the decision for a request's latest snapshot, re-evaluated against
+//! live Vitally step by step, **without writing anything** — no instance, no user, no
+//! cache entry. Only reads (users, an account, the instance search) reach Vitally.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use thena_events::RequestChanged;
+use vitally_client::{
+    client::VitallyClient,
+    error::VitallyError,
+    integrations::Integration,
+    mapping::{MappingOptions, map_instance},
+};
+
+use crate::{
+    linking::{
+        DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
+        link_user, table_row,
+    },
+    pipeline::{memberships_of, merge_memberships},
+    policy::{self, PolicyDecision, Toggles},
+};
+
+/// What syncing the snapshot now would do, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    /// Each step, as a sentence.
+    pub steps: Vec<String>,
+    /// Where the instance would go, or why nowhere.
+    pub verdict: String,
+    pub target: Option<Target>,
+    /// The traits that would be written (by Vitally path).
+    pub traits: Map<String, Value>,
+}
+
+struct Steps(Vec<String>);
+
+impl Steps {
+    fn say(&mut self, step: impl Into<String>) {
+        self.0.push(step.into());
+    }
+}
+
+/// Explains `event` for `integration`, reading from Vitally through `client`.
+pub async fn explain(
+    client: &VitallyClient,
+    integration: &Integration,
+    event: &RequestChanged,
+    free_mail_domains: &[String],
+    options: &MappingOptions,
+) -> Result<Explanation, VitallyError> {
+    let mut steps = Steps(Vec::new());
+    let toggles = Toggles {
+        push_requests: integration.push_requests,
+        update_requests: integration.update_requests,
+        sync_threads: integration.sync_threads,
+        established_at: integration.established_at,
+    };
+    let may_update = match policy::decide(event, &toggles) {
+        PolicyDecision::Skip(reason) => {
+            steps.say(format!("policy: skip ({})", reason.as_str()));
+            return Ok(done(steps, format!("no sync: {}", reason.as_str()), None));
+        }
+        PolicyDecision::Sync { may_update } => {
+            steps.say(format!(
+                "policy: sync (push on, created after {}, updates {})",
+                integration.established_at.to_rfc3339(),
+                if may_update { "allowed" } else { "off" }
+            ));
+            may_update
+        }
+    };
+    let linked = resolve(client, event, free_mail_domains, &mut steps).await?;
+    let target = match linked {
+        Ok(target) => target,
+        Err(no_link) => {
+            return Ok(done(steps, format!("no sync: {}", no_link.as_str()), None));
+        }
+    };
+    steps.say(format!(
+        "target: organization {}, account {}",
+        target.organization_id.as_deref().unwrap_or("—"),
+        target.account_id.as_deref().unwrap_or("—")
+    ));
+    let mapped = map_instance(event, &integration.fields, options);
+    if !mapped.dropped_categories.is_empty() {
+        steps.say(format!(
+            "custom categories without a trait (dropped): {}",
+            mapped.dropped_categories.join(", ")
+        ));
+    }
+    let existing = client
+        .find_instance(&integration.custom_object_id, &mapped.external_id)
+        .await?;
+    let verdict = match (existing, may_update) {
+        (Some(instance), true) => format!("would update instance {}", instance.id),
+        (Some(instance), false) => {
+            format!(
+                "no sync: instance {} exists and updates are off",
+                instance.id
+            )
+        }
+        (None, _) => format!("would create instance {}", mapped.external_id),
+    };
+    steps.say(format!("{} trait(s) would be written", mapped.traits.len()));
+    let mut explanation = done(steps, verdict, Some(target));
+    explanation.traits = mapped.traits;
+    Ok(explanation)
+}
+
+fn done(steps: Steps, verdict: String, target: Option<Target>) -> Explanation {
+    Explanation {
+        steps: steps.0,
+        verdict,
+        target,
+        traits: Map::new(),
+    }
+}
+
+/// The linking table, then the domain fallback, narrated.
+async fn resolve(
+    client: &VitallyClient,
+    event: &RequestChanged,
+    free_mail_domains: &[String],
+    steps: &mut Steps,
+) -> Result<Result<Target, NoLink>, VitallyError> {
+    let Some(email) = event
+        .request
+        .requestor
+        .email
+        .as_deref()
+        .map(|e| e.trim().to_ascii_lowercase())
+        .filter(|e| !e.is_empty())
+    else {
+        steps.say("requestor: no email shared");
+        return Ok(Err(NoLink::NoEmail));
+    };
+    let users = client.users_by_email(&email).await?;
+    let memberships = merge_memberships(&users);
+    let link = match &memberships {
+        Some(m) => {
+            steps.say(format!(
+                "user {email}: found ({} user(s)), organizations {:?}, accounts {:?}",
+                users.len(),
+                m.organization_ids,
+                m.account_ids
+            ));
+            steps.say(format!(
+                "linking table row: {}",
+                table_row(&m.organization_ids, &m.account_ids)
+            ));
+            link_user(&m.organization_ids, &m.account_ids)
+        }
+        None => {
+            steps.say(format!("user {email}: not in Vitally"));
+            UserLink::Unlinked
+        }
+    };
+    match link {
+        UserLink::Link(target) => Ok(Ok(target)),
+        UserLink::NoSync(reason) => {
+            steps.say(format!("linking table: no sync ({})", reason.as_str()));
+            Ok(Err(reason))
+        }
+        UserLink::AccountAndItsOrganization(account) => {
+            let organization = client
+                .account(&account)
+                .await?
+                .and_then(|a| a.organization_id);
+            steps.say(format!(
+                "account {account} belongs to organization {}",
+                organization.as_deref().unwrap_or("—")
+            ));
+            Ok(Ok(Target {
+                account_id: Some(account),
+                organization_id: organization,
+            }))
+        }
+        UserLink::Unlinked => {
+            let Some(domain) = event.request.requestor.email_domain() else {
+                return Ok(Err(NoLink::NoEmail));
+            };
+            if is_free_mail(&domain, free_mail_domains) {
+                steps.say(format!("domain fallback: {domain} is a free-mail domain"));
+                return Ok(Err(NoLink::FreeMailDomain));
+            }
+            let at_domain = client.users_by_email_domain(&domain).await?;
+            let members: Vec<Memberships> = at_domain.iter().map(memberships_of).collect();
+            steps.say(format!(
+                "domain fallback: {} user(s) at {domain}",
+                at_domain.len()
+            ));
+            let create = if memberships.is_none() {
+                " (the requestor would be created there as a user)"
+            } else {
+                ""
+            };
+            match choose_by_domain(&members) {
+                DomainChoice::Account(account) => {
+                    steps.say(format!("domain fallback: one account, {account}{create}"));
+                    Ok(Ok(Target::account(&account)))
+                }
+                DomainChoice::Organization(org) => {
+                    steps.say(format!("domain fallback: one organization, {org}{create}"));
+                    Ok(Ok(Target::organization(&org)))
+                }
+                DomainChoice::NoSync(reason) => {
+                    let no_link = NoLink::from(reason);
+                    steps.say(format!("domain fallback: no sync ({})", no_link.as_str()));
+                    Ok(Err(no_link))
+                }
+            }
+        }
+    }
+}

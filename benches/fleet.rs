@@ -148,6 +148,17 @@ async fn timed_batch(
     version: u64,
     settled_before: u64,
 ) -> f64 {
+    timed_batch_as(fleet, workspaces, per_ws, version, settled_before, true).await
+}
+
+async fn timed_batch_as(
+    fleet: &mut Fleet,
+    workspaces: &[String],
+    per_ws: u64,
+    version: u64,
+    settled_before: u64,
+    ledger: bool,
+) -> f64 {
     for ws in workspaces {
         for id in 0..per_ws {
             fleet
@@ -157,7 +168,11 @@ async fn timed_batch(
     }
     let n = workspaces.len() as u64 * per_ws;
     let start = Instant::now();
-    fleet.spawn_consumer().await;
+    if ledger {
+        fleet.spawn_consumer().await;
+    } else {
+        fleet.spawn_consumer_without_ledger().await;
+    }
     fleet
         .wait_settled_within(settled_before + n, Duration::from_secs(120))
         .await;
@@ -201,6 +216,42 @@ async fn throughput(rows: &mut Vec<Row>, baseline: f64) {
         warm,
         "events/s",
         format!("{:.3} × raw lapin", warm / baseline),
+    ));
+    // The ledger's cost on the warm path: with and without it, interleaved (A B A B A B)
+    // after one untimed warm-up each, median of three.
+    let mut with_ledger = Vec::new();
+    let mut without = Vec::new();
+    let mut settled = 2 * workspaces.len() as u64 * per_ws;
+    let mut version = 3;
+    for round in 0..4 {
+        for ledger in [true, false] {
+            let rate =
+                timed_batch_as(&mut fleet, &workspaces, per_ws, version, settled, ledger).await;
+            settled += workspaces.len() as u64 * per_ws;
+            version += 1;
+            if round > 0 {
+                if ledger {
+                    &mut with_ledger
+                } else {
+                    &mut without
+                }
+                .push(rate);
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (with_ledger, without) = (median(&mut with_ledger), median(&mut without));
+    rows.push(row(
+        "consumer, warm, request ledger on (median of 3)",
+        with_ledger,
+        "events/s",
+        format!(
+            "{:.3} × ledger off ({without:.0} events/s), interleaved",
+            with_ledger / without
+        ),
     ));
     rows.push(row(
         "process RSS after the zero-latency runs",
@@ -486,10 +537,13 @@ async fn main() {
         "same broker, same run",
     ));
     throughput(&mut rows, baseline).await;
-    end_to_end(&mut rows, baseline).await;
-    calls_per_event(&mut rows).await;
-    latency_scaling(&mut rows).await;
-    noisy_neighbour(&mut rows).await;
+    // `cargo bench --bench fleet -- throughput` stops here.
+    if !std::env::args().any(|a| a == "throughput") {
+        end_to_end(&mut rows, baseline).await;
+        calls_per_event(&mut rows).await;
+        latency_scaling(&mut rows).await;
+        noisy_neighbour(&mut rows).await;
+    }
 
     println!("\n{:<58} {:>10} {:<9} note", "measure", "value", "unit");
     println!("{}", "-".repeat(110));

@@ -151,10 +151,27 @@ impl Fleet {
     /// A consumer built from another configuration (e.g. another key), reporting its
     /// readiness to `readiness`.
     pub async fn spawn_consumer_with(&mut self, config: &Config, readiness: Readiness) {
+        self.spawn_consumer_as(config, readiness, true).await;
+    }
+
+    /// A consumer that writes no request ledger (the benchmark's baseline for its cost).
+    #[allow(dead_code)] // used by the benchmark only
+    pub async fn spawn_consumer_without_ledger(&mut self) {
+        let config = self.config.clone();
+        self.spawn_consumer_as(&config, Readiness::new(), false)
+            .await;
+    }
+
+    async fn spawn_consumer_as(&mut self, config: &Config, readiness: Readiness, ledger: bool) {
         let registry = Registry::new();
-        let worker = thena_sync::app::build_worker(config, &registry, readiness)
+        let mut worker = thena_sync::app::build_worker(config, &registry, readiness)
             .await
             .expect("consumer");
+        if !ledger {
+            std::sync::Arc::get_mut(&mut worker.pipeline)
+                .expect("a fresh pipeline")
+                .ledger = None;
+        }
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(worker.run(shutdown.clone()));
         self.consumers.push(Consumer {

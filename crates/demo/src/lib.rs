@@ -261,12 +261,14 @@ async fn drive(
                 )
             })?
             .context("every consumer stopped")?;
-        let (Some(request), Some(version)) = (next.request_id, next.version) else {
+        let (Some(request), Some(version)) = (next.request_id, next.processed_version) else {
             continue;
         };
         let settles = matches!(next.outcome, Outcome::Synced { .. } | Outcome::Skipped(_));
+        // The first settle of the last version is its fate; a later one is a duplicate
+        // delivery (already_applied).
         if settles && last_version.get(&request) == Some(&version) {
-            finals.insert(request, next.outcome);
+            finals.entry(request).or_insert(next.outcome);
         }
     }
 

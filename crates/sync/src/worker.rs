@@ -56,7 +56,10 @@ pub struct Worker {
 pub struct Settled {
     pub workspace_id: Option<String>,
     pub request_id: Option<u64>,
+    /// The message's version.
     pub version: Option<u64>,
+    /// The version processed: newer than the message's when it was coalesced.
+    pub processed_version: Option<u64>,
     pub outcome: Outcome,
 }
 
@@ -269,13 +272,20 @@ impl Settler {
             self.requeue(&delivery, label, &reason, &e.to_string())
                 .await;
         } else {
-            self.settle(&delivery, &outcome, event.as_ref()).await;
+            self.settle(&delivery, &outcome, event.as_ref(), trace.version)
+                .await;
         }
         self.metrics.in_flight.dec();
         timer.observe_duration();
     }
 
-    async fn settle(&self, delivery: &Delivery, outcome: &Outcome, event: Option<&RequestChanged>) {
+    async fn settle(
+        &self,
+        delivery: &Delivery,
+        outcome: &Outcome,
+        event: Option<&RequestChanged>,
+        processed_version: Option<u64>,
+    ) {
         let (label, reason) = outcome.labels();
         let handed_on = match outcome {
             Outcome::Synced { .. } => {
@@ -353,6 +363,7 @@ impl Settler {
                         workspace_id: event.map(|e| e.workspace_id.clone()),
                         request_id: event.map(|e| e.request.id),
                         version: event.map(|e| e.request.version),
+                        processed_version: processed_version.or(event.map(|e| e.request.version)),
                         outcome: outcome.clone(),
                     });
                 }

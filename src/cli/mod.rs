@@ -115,23 +115,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Config => {
-            print_config();
-            Ok(())
-        }
+        Command::Config => print_config(cli.config.as_deref()),
     }
 }
 
-fn print_config() {
+/// Every variable with the value this role would run with and where it came from
+/// (defaults → `--config` file → environment). Secrets are never shown; URLs lose their
+/// password.
+fn print_config(file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let explicit = Config::explicit_values(file)?;
     for var in thena_runtime::config::VARIABLES {
-        let current = std::env::var(var.name).ok();
-        let shown = match (&current, var.secret) {
-            (Some(_), true) => "<set, redacted>".to_string(),
-            (Some(value), false) => value.clone(),
-            (None, _) => var
-                .default
-                .map_or("<unset>".to_string(), |d| format!("{d} (default)")),
+        let shown = match (explicit.get(var.name), var.secret) {
+            (Some((_, source)), true) => format!("<set, redacted> ({source})"),
+            (Some((value, source)), false) => {
+                format!("{} ({source})", thena_runtime::config::redact_url(value))
+            }
+            (None, _) => var.default.map_or("<unset>".to_string(), |d| {
+                format!("{} (default)", thena_runtime::config::redact_url(d))
+            }),
         };
         println!("{:<24} {shown}\n{:<24} {}\n", var.name, "", var.help);
     }
+    println!(
+        "/readyz checks: producer — broker, postgres; consumer — broker, redis, postgres, \
+         integrations_key; replayer — broker."
+    );
+    Ok(())
 }

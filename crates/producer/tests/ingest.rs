@@ -748,6 +748,71 @@ async fn the_admin_api_connects_reads_redacted_changes_toggles_and_disconnects()
     .await;
     assert_eq!(status, 422, "{body}");
 
+    // The history names every change and who made it.
+    let (status, history, _) = answer(
+        admin(reqwest::Method::GET, "/v1/integrations/TADMIN/history")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{history}");
+    let actions: Vec<(&str, &str)> = history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["action"].as_str().unwrap(), h["actor"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("connected", "admin-api"),
+            ("settings_changed", "admin-api")
+        ]
+    );
+    assert_eq!(
+        history["history"][1]["changes"]["update_requests"],
+        json!({"from": true, "to": false})
+    );
+    bodies.push(history);
+
+    // One Vitally per workspace: the same key for another workspace is a 409.
+    let (status, body, _) = answer(
+        admin(reqwest::Method::POST, "/v1/integrations")
+            .json(&json!({"workspace_id": "TOTHER", "api_url": fake.base_url(), "auth_header": secret}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["connected_workspace"], "TADMIN", "{body}");
+    bodies.push(body);
+
+    // The request ledger answers, empty while no consumer ran.
+    let (status, page, _) = answer(
+        admin(
+            reqwest::Method::GET,
+            "/v1/integrations/TADMIN/requests?outcome=skipped",
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["requests"], json!([]));
+    assert_eq!(page["next"], Value::Null);
+    for (path, want) in [
+        ("/v1/integrations/TADMIN/requests/135", 404),
+        ("/v1/integrations/TADMIN/requests?limit=0", 400),
+        ("/v1/integrations/TADMIN/history?limit=5000", 400),
+    ] {
+        let (status, body, _) =
+            answer(admin(reqwest::Method::GET, path).send().await.unwrap()).await;
+        assert_eq!(status, want, "{path}: {body}");
+    }
+
     // Reconnecting is safe and answers 200.
     let (status, body, _) = answer(
         admin(reqwest::Method::POST, "/v1/integrations")

@@ -297,6 +297,28 @@ impl Config {
         Self::from_sources(file_values, std::env::vars())
     }
 
+    /// Where each variable's value comes from, as `config` shows it: `(value, source)` of
+    /// every variable set in `file` or the environment (file first, the environment
+    /// overriding). Unset variables are absent: their default applies.
+    pub fn explicit_values(
+        file: Option<&Path>,
+    ) -> Result<HashMap<&'static str, (String, &'static str)>, ConfigError> {
+        let mut values = HashMap::new();
+        let file_values = match file {
+            Some(path) => read_file(path)?,
+            None => HashMap::new(),
+        };
+        let env: HashMap<String, String> = std::env::vars().collect();
+        for var in VARIABLES {
+            if let Some(value) = env.get(var.name).filter(|v| !v.trim().is_empty()) {
+                values.insert(var.name, (value.clone(), "environment"));
+            } else if let Some(value) = file_values.get(var.name) {
+                values.insert(var.name, (value.clone(), "file"));
+            }
+        }
+        Ok(values)
+    }
+
     /// Defaults only (tests, demo), with `overrides` applied on top.
     pub fn defaults_with(overrides: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Self::from_sources(
@@ -443,6 +465,23 @@ fn share(get: &Lookup<'_>, name: &'static str) -> Result<f64, ConfigError> {
         return Err(invalid(name, format!("must be in (0, 1], got {value}")));
     }
     Ok(value)
+}
+
+/// `scheme://user:***@host/…`: a URL as it may be shown, its password hidden.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 /// A PostgreSQL schema name: lowercase letters, digits and `_`, as an unquoted identifier.
@@ -679,6 +718,27 @@ mod tests {
             !debug.contains("tok-very-secret") && !debug.contains("pa55word"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        assert_eq!(
+            redact_url("amqp://thena:s3cret@rabbitmq:5672/%2f"),
+            "amqp://thena:***@rabbitmq:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("redis://:pw@redis:6379"),
+            "redis://:***@redis:6379"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1:5432/db"),
+            "postgres://postgres@127.0.0.1:5432/db"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        assert_eq!(redact_url("p://u:a@b@h/x@y"), "p://u:***@h/x@y");
     }
 
     #[test]

@@ -122,6 +122,14 @@ impl RequestChanged {
 }
 
 impl Requestor {
+    /// The email, trimmed and lower-cased, if one was shared.
+    pub fn normalized_email(&self) -> Option<String> {
+        self.email
+            .as_deref()
+            .map(|e| e.trim().to_ascii_lowercase())
+            .filter(|e| !e.is_empty())
+    }
+
     /// Lower-cased email domain, if there is a usable email.
     pub fn email_domain(&self) -> Option<String> {
         let email = self.email.as_deref()?.trim();

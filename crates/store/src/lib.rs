@@ -16,7 +16,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::{NoTls, error::SqlState};
 
-pub use deadpool_postgres::GenericClient;
+pub use deadpool_postgres::{GenericClient, Transaction};
 pub use tokio_postgres;
 
 /// A connection taken out of the pool for good: closing it (dropping this) ends its

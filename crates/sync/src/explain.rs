@@ -124,14 +124,7 @@ async fn resolve(
     free_mail_domains: &[String],
     steps: &mut Steps,
 ) -> Result<Result<Target, NoLink>, VitallyError> {
-    let Some(email) = event
-        .request
-        .requestor
-        .email
-        .as_deref()
-        .map(|e| e.trim().to_ascii_lowercase())
-        .filter(|e| !e.is_empty())
-    else {
+    let Some(email) = event.request.requestor.normalized_email() else {
         steps.say("requestor: no email shared");
         return Ok(Err(NoLink::NoEmail));
     };

@@ -638,9 +638,30 @@ impl Pipeline {
         Ok(outcome)
     }
 
-    /// Re-reads the object's field map from Vitally (at most once per `fields_ttl` for the
-    /// fleet: under the workspace's field lock, re-checked after taking it).
+    /// Re-reads the object's field map from Vitally, under the workspace's field lock.
     async fn refresh_fields(&self, integration: &Integration) -> Result<FieldMap, StepError> {
+        let refreshed = self
+            .under_fields_lock(
+                integration,
+                provision::refresh_fields(
+                    &self.http,
+                    self.integrations.store(),
+                    integration,
+                    &self.settings.actor,
+                ),
+            )
+            .await?;
+        Ok(refreshed.fields)
+    }
+
+    /// Runs a change of the object's fields once for the whole fleet: under a
+    /// workspace-wide lock (Vitally does not deduplicate fields), then drops the cached
+    /// record so the new map is read.
+    async fn under_fields_lock<T>(
+        &self,
+        integration: &Integration,
+        change: impl Future<Output = Result<T, ConnectError>>,
+    ) -> Result<T, StepError> {
         let ws = integration.workspace_id.as_str();
         let Some(lock) = self
             .guards
@@ -650,47 +671,30 @@ impl Pipeline {
         else {
             return Err(StepError::Busy);
         };
-        let refreshed = provision::refresh_fields(
-            &self.http,
-            self.integrations.store(),
-            integration,
-            &self.settings.actor,
-        )
-        .await;
+        let changed = change.await;
         self.guards.release(lock).await;
         self.integrations.invalidate(ws);
-        match refreshed {
-            Ok(refresh) => Ok(refresh.fields),
-            Err(error) => Err(connect_step_error(error)),
-        }
+        changed.map_err(connect_step_error)
     }
 
-    /// Creates a missing category trait once for the whole fleet: under a workspace-wide
-    /// lock, and idempotent (it re-reads the object's fields first).
+    /// Creates a missing category trait once for the whole fleet (idempotent: it
+    /// re-reads the object's fields first).
     async fn create_field(
         &self,
         integration: &Integration,
         label: &str,
     ) -> Result<FieldRef, StepError> {
-        let ws = integration.workspace_id.as_str();
-        let Some(lock) = self
-            .guards
-            .lock_named(&format!("fields:{ws}"), self.settings.lock_wait)
-            .await
-            .map_err(lock_err)?
-        else {
-            return Err(StepError::Busy);
-        };
-        let created = provision::ensure_field(
-            &self.http,
-            self.integrations.store(),
+        self.under_fields_lock(
             integration,
-            label,
-            &self.settings.actor,
+            provision::ensure_field(
+                &self.http,
+                self.integrations.store(),
+                integration,
+                label,
+                &self.settings.actor,
+            ),
         )
-        .await;
-        self.guards.release(lock).await;
-        created.map_err(connect_step_error)
+        .await
     }
 
     /// Finds the instance by externalId (cached id), then updates or creates it.
@@ -767,14 +771,7 @@ impl Pipeline {
         tracer: &Tracer,
     ) -> Result<Result<Target, NoLink>, StepError> {
         let ws = event.workspace_id.as_str();
-        let Some(email) = event
-            .request
-            .requestor
-            .email
-            .as_deref()
-            .map(|e| e.trim().to_ascii_lowercase())
-            .filter(|e| !e.is_empty())
-        else {
+        let Some(email) = event.request.requestor.normalized_email() else {
             tracer.update(|t| {
                 t.link = Some(link_trace(
                     "no email: nothing to link by",

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::{Value, json};
-use thena_store::{Db, DbError, GenericClient, notify, tokio_postgres::Row};
+use thena_store::{Db, DbError, notify, tokio_postgres::Row};
 use tokio::time::Instant;
 
 use crate::{
@@ -502,11 +502,7 @@ impl IntegrationStore {
         if let (Some(changes), Value::Object(details)) = (changes.as_object_mut(), details) {
             changes.extend(details);
         }
-        record(&tx, ws, actor, action, &changes).await?;
-        notify::notify(&tx, &self.changes_channel(), ws)
-            .await
-            .map_err(StoreError::Db)?;
-        tx.commit().await?;
+        self.commit_change(tx, ws, actor, action, &changes).await?;
         Ok(stored)
     }
 
@@ -572,11 +568,8 @@ impl IntegrationStore {
             .await
             .map_err(|e| E::from(e.into()))?;
         let stored = self.decode(&row)?;
-        record(&tx, workspace_id, actor, action, &changes).await?;
-        notify::notify(&tx, &self.changes_channel(), workspace_id)
-            .await
-            .map_err(|e| E::from(StoreError::Db(e)))?;
-        tx.commit().await.map_err(|e| E::from(e.into()))?;
+        self.commit_change(tx, workspace_id, actor, action, &changes)
+            .await?;
         Ok(Some((stored, changes)))
     }
 
@@ -624,11 +617,8 @@ impl IntegrationStore {
             Health::AuthRejected | Health::ObjectMissing => "paused",
         };
         let changes = json!({"health": health.describe(), "detail": detail});
-        record(&tx, workspace_id, actor, action, &changes).await?;
-        notify::notify(&tx, &self.changes_channel(), workspace_id)
-            .await
-            .map_err(StoreError::Db)?;
-        tx.commit().await?;
+        self.commit_change(tx, workspace_id, actor, action, &changes)
+            .await?;
         Ok(true)
     }
 
@@ -648,11 +638,8 @@ impl IntegrationStore {
         if changed == 0 {
             return Ok(false);
         }
-        record(&tx, workspace_id, actor, "disconnected", &json!({})).await?;
-        notify::notify(&tx, &self.changes_channel(), workspace_id)
-            .await
-            .map_err(StoreError::Db)?;
-        tx.commit().await?;
+        self.commit_change(tx, workspace_id, actor, "disconnected", &json!({}))
+            .await?;
         Ok(true)
     }
 
@@ -734,14 +721,34 @@ impl IntegrationStore {
             )
             .await?;
             let changes = json!({"key_id": {"from": from, "to": key_id}});
-            record(&tx, &ws, actor, "reencrypted", &changes).await?;
-            notify::notify(&tx, &self.changes_channel(), &ws)
-                .await
-                .map_err(StoreError::Db)?;
-            tx.commit().await?;
+            self.commit_change(tx, &ws, actor, "reencrypted", &changes)
+                .await?;
             moved += 1;
         }
         Ok(moved)
+    }
+
+    /// The end of every change: its history row, the notification (sent on commit), the
+    /// commit.
+    async fn commit_change(
+        &self,
+        tx: thena_store::Transaction<'_>,
+        workspace_id: &str,
+        actor: &str,
+        action: &str,
+        changes: &Value,
+    ) -> Result<(), StoreError> {
+        tx.execute(
+            "INSERT INTO integration_events (workspace_id, actor, action, changes)
+             VALUES ($1, $2, $3, $4)",
+            &[&workspace_id, &actor, &action, changes],
+        )
+        .await?;
+        notify::notify(&tx, &self.changes_channel(), workspace_id)
+            .await
+            .map_err(StoreError::Db)?;
+        tx.commit().await?;
+        Ok(())
     }
 
     fn decode(&self, row: &Row) -> Result<Integration, StoreError> {
@@ -804,23 +811,6 @@ fn corrupt(workspace: &str, error: impl fmt::Display) -> StoreError {
         workspace: workspace.to_owned(),
         reason: error.to_string(),
     }
-}
-
-async fn record(
-    client: &impl GenericClient,
-    workspace_id: &str,
-    actor: &str,
-    action: &str,
-    changes: &Value,
-) -> Result<(), StoreError> {
-    client
-        .execute(
-            "INSERT INTO integration_events (workspace_id, actor, action, changes)
-             VALUES ($1, $2, $3, $4)",
-            &[&workspace_id, &actor, &action, changes],
-        )
-        .await?;
-    Ok(())
 }
 
 type CacheEntry = (Instant, Option<Arc<Integration>>);

@@ -247,18 +247,20 @@ impl RequestGuards {
         Ok(durable)
     }
 
-    /// Records that Vitally has `version`: durably first, then the hot copy.
+    /// Records that Vitally has `version`: the hot copy first, then durably. Either
+    /// failing fails the event, which is retried and re-applied, so the record ends at
+    /// what Vitally has. The order matters: had PostgreSQL taken the version and Redis
+    /// not, Redis would keep an *older* copy and let an older version win.
     pub async fn record_version(
         &self,
         workspace: &str,
         request_id: u64,
         version: u64,
     ) -> Result<(), VersionError> {
-        let recorded = self
-            .db
+        self.cache_version(workspace, request_id, version).await?;
+        self.db
             .record_synced(workspace, request_id, version)
             .await?;
-        self.cache_version(workspace, request_id, recorded).await?;
         Ok(())
     }
 

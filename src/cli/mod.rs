@@ -70,8 +70,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             roles::replayer(config).await
         }
         Command::Dlq(command) => {
-            // The audit lines (target thena::audit) are part of the output.
-            telemetry::init_tracing(config.log_format, "warn,thena::audit=info");
+            // `dlq replay` prints each audit line on stdout; the same line as a log event
+            // (target thena::audit) is for log pipelines only, so a terminal shows it once.
+            let filter = match config.log_format {
+                thena_runtime::config::LogFormat::Json => "warn,thena::audit=info",
+                thena_runtime::config::LogFormat::Pretty => "warn",
+            };
+            telemetry::init_tracing(config.log_format, filter);
             dlq::run(config, command).await
         }
         Command::Emit(args) => {

@@ -129,6 +129,7 @@ pub async fn emit(config: Config, args: thena_producer::emit::EmitArgs) -> anyho
             .await?;
             let publisher = broker.publisher().await?;
             let report = emit_broker(&publisher, &events, args.rate).await;
+            publisher.close().await;
             broker.close().await;
             report
         }

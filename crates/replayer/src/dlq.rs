@@ -75,8 +75,6 @@ pub enum DlqError {
     /// Names the host, never the password: "cannot connect to RabbitMQ at host:port: ...".
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("{0} queue is empty")]
-    Empty(DlqQueue),
     #[error("bad filter: {0}")]
     BadFilter(String),
     #[error("bad option: {0}")]
@@ -84,7 +82,8 @@ pub enum DlqError {
     #[error("no message with event id {0} in the parked or dead queue")]
     NotFound(String),
     #[error(
-        "refusing to purge the {queue} queue ({messages} messages) without explicit confirmation"
+        "refusing to purge the {queue} queue ({messages} messages) without --yes-really \
+         (irreversible)"
     )]
     ConfirmRequired { queue: DlqQueue, messages: u32 },
     #[error("RabbitMQ error on the {queue} queue: {source}")]
@@ -315,8 +314,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, DlqError> {
         .ok_or_else(bad)
 }
 
+/// What every command says when no message matches, whether the queue is empty or the
+/// filter matched nothing: there is nothing to do, which is success.
+pub fn nothing_to_do(queue: DlqQueue) -> String {
+    format!("no matching messages in the {queue} queue: nothing to do\n")
+}
+
 /// Lists matching messages (after `page.offset`, at most `page.limit`), without removing
-/// any. An empty queue is an error, so a typo'd prefix does not look like "all is well".
+/// any. An empty queue lists nothing (the CLI says [`nothing_to_do`]).
 pub async fn list(
     broker: &Broker,
     filter: &DlqFilter,
@@ -327,7 +332,7 @@ pub async fn list(
     let scan = Scan::open(broker, queue).await?;
     if scan.depth == 0 {
         scan.close(0).await;
-        return Err(DlqError::Empty(queue));
+        return Ok(Vec::new());
     }
     let held = scan.read_all().await;
     let now = Utc::now();
@@ -496,6 +501,7 @@ impl fmt::Display for AuditLine {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplayReport {
+    pub queue: DlqQueue,
     pub dry_run: bool,
     /// Messages that matched the filter.
     pub matched: usize,
@@ -509,7 +515,24 @@ pub struct ReplayReport {
 }
 
 impl ReplayReport {
+    fn nothing(queue: DlqQueue, dry_run: bool) -> Self {
+        ReplayReport {
+            queue,
+            dry_run,
+            matched: 0,
+            replayed: 0,
+            skipped: 0,
+            failed: Vec::new(),
+            audit: Vec::new(),
+        }
+    }
+
+    /// One line per audited message, then the totals; when nothing matched, only
+    /// [`nothing_to_do`].
     pub fn render(&self) -> String {
+        if self.matched == 0 {
+            return nothing_to_do(self.queue);
+        }
         let mut out = String::new();
         for line in &self.audit {
             out.push_str(&line.to_string());
@@ -561,12 +584,14 @@ pub async fn replay(
     let scan = Scan::open(broker, queue).await?;
     if scan.depth == 0 {
         scan.close(0).await;
-        return Err(DlqError::Empty(queue));
+        publisher.close().await;
+        return Ok(ReplayReport::nothing(queue, options.dry_run));
     }
     let held = match scan.read_all().await {
         Ok(held) => held,
         Err(error) => {
             scan.close(0).await;
+            publisher.close().await;
             return Err(error);
         }
     };
@@ -576,6 +601,7 @@ pub async fn replay(
         .partition(|h| filter.matches(&DlqEntry::from_message(&h.properties, &h.data, now)));
     let total = selected.len();
     let mut report = ReplayReport {
+        queue,
         dry_run: options.dry_run,
         matched: total,
         replayed: 0,
@@ -648,6 +674,7 @@ pub async fn replay(
     drop(selected);
     drop(others);
     scan.close(report.replayed).await;
+    publisher.close().await;
     Ok(report)
 }
 

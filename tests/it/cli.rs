@@ -1,0 +1,247 @@
+//! The command line as an operator meets it: the built binary, run against the real
+//! local RabbitMQ, Redis and PostgreSQL under a test-unique prefix; exit codes and what it
+//! prints.
+
+use std::process::{Command, Output, Stdio};
+
+use chrono::Utc;
+use lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable},
+};
+use secrecy::SecretString;
+use thena_broker::{Broker, Failure, FailureClass, Topology, WORKSPACE_HEADER};
+use thena_testkit::TestEnv;
+
+/// Runs `thena-vitally args…` with only this test's configuration in its environment
+/// (no `$USER`, no terminal), and returns what it did.
+pub fn run(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> Output {
+    let mut vars: Vec<(&str, String)> = env.config_overrides();
+    vars.extend([
+        ("AMQP_URL", thena_testkit::amqp_url()),
+        ("REDIS_URL", thena_testkit::redis_url()),
+    ]);
+    vars.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+    Command::new(env!("CARGO_BIN_EXE_thena-vitally"))
+        .args(args)
+        .env_clear()
+        .envs(vars)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run thena-vitally")
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+async fn broker(env: &TestEnv) -> Broker {
+    Broker::connect(
+        SecretString::from(thena_testkit::amqp_url()),
+        "thena-it-cli",
+        env.topology.clone(),
+    )
+    .await
+    .expect("local RabbitMQ")
+}
+
+/// Parks one event the way a consumer does (permanent failure `reason`).
+async fn park(broker: &Broker, workspace: &str, request_id: u64, reason: &str) -> String {
+    let event = thena_events::sample::event(workspace, request_id, 1, None);
+    let mut headers = FieldTable::default();
+    headers.insert(
+        WORKSPACE_HEADER.into(),
+        AMQPValue::LongString(workspace.into()),
+    );
+    let props = BasicProperties::default()
+        .with_message_id(event.event_id.to_string().into())
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    let failure = Failure::new(
+        FailureClass::Permanent,
+        reason,
+        format!("{reason} happened"),
+        broker.topology().exchange(),
+        Topology::routing_key(workspace),
+        Utc::now(),
+    );
+    broker
+        .publisher()
+        .await
+        .unwrap()
+        .park(&serde_json::to_vec(&event).unwrap(), &props, &failure)
+        .await
+        .unwrap();
+    event.event_id.to_string()
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
+        .expect("a host name")
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn dlq_on_an_empty_queue_succeeds_and_says_there_is_nothing_to_do() {
+    let env = TestEnv::new();
+    let broker = broker(&env).await;
+    let channel = broker.channel().await.unwrap();
+    env.topology.declare(&channel).await.unwrap();
+
+    let nothing = "no matching messages in the parked queue: nothing to do\n";
+    for args in [
+        &["dlq", "list"][..],
+        &["dlq", "replay"],
+        &["dlq", "replay", "--dry-run"],
+    ] {
+        let out = run(&env, args, &[]);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), nothing, "{args:?}");
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+    // A filter that matches nothing says exactly the same.
+    park(&broker, "WCLI", 1, "no_integration").await;
+    thena_testkit::wait_until(
+        "the parked message",
+        std::time::Duration::from_secs(5),
+        || async { (env.queue_depth(&env.topology.parked_queue()).await.ok()? == 1).then_some(()) },
+    )
+    .await;
+    for args in [
+        &["dlq", "list", "--workspace", "WOTHER"][..],
+        &["dlq", "replay", "--reason", "vitally_400"],
+    ] {
+        let out = run(&env, args, &[]);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), nothing, "{args:?}");
+    }
+    let out = run(&env, &["dlq", "list", "--queue", "dead"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "no matching messages in the dead queue: nothing to do\n"
+    );
+    let _ = channel.close(200, "done".into()).await;
+    broker.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn dlq_replay_prints_each_audit_line_once_by_the_host_when_user_is_unset() {
+    let env = TestEnv::new();
+    let broker = broker(&env).await;
+    let channel = broker.channel().await.unwrap();
+    env.topology.declare(&channel).await.unwrap();
+    let event_id = park(&broker, "WCLI", 7, "vitally_400").await;
+    thena_testkit::wait_until(
+        "the parked message",
+        std::time::Duration::from_secs(5),
+        || async { (env.queue_depth(&env.topology.parked_queue()).await.ok()? == 1).then_some(()) },
+    )
+    .await;
+
+    let out = run(&env, &["dlq", "replay", "--why", "INC-7 fixed"], &[]);
+    let (text, errors) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{errors}");
+    // No $USER in the environment: the host name, never `unknown`.
+    let by = format!("by {:?} because \"INC-7 fixed\"", host_name());
+    let audit: Vec<&str> = text.lines().filter(|l| l.contains(&event_id)).collect();
+    assert_eq!(audit.len(), 1, "{text}");
+    assert!(
+        audit[0].contains("replayed event") && audit[0].contains(&by),
+        "{text}"
+    );
+    assert!(!text.contains("unknown"), "{text}");
+    assert!(
+        text.ends_with("replay: 1 matched, 1 replayed, 0 skipped (not matching), 0 failed\n"),
+        "{text}"
+    );
+    // Nothing on stderr: no log copy of the audit line, no error from closing the broker.
+    assert_eq!(errors, "", "stderr");
+
+    // --actor wins over $USER.
+    park(&broker, "WCLI", 8, "vitally_400").await;
+    thena_testkit::wait_until(
+        "the parked message",
+        std::time::Duration::from_secs(5),
+        || async { (env.queue_depth(&env.topology.parked_queue()).await.ok()? == 1).then_some(()) },
+    )
+    .await;
+    let out = run(
+        &env,
+        &["dlq", "replay", "--dry-run", "--actor", "oncall-ana"],
+        &[("USER", "someone-else")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("would replay event"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("by \"oncall-ana\""),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&env, &["dlq", "replay", "--dry-run"], &[("USER", "ana")]);
+    assert!(stdout(&out).contains("by \"ana\""), "{}", stdout(&out));
+
+    let _ = channel.close(200, "done".into()).await;
+    broker.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn dlq_purge_without_confirmation_names_the_flag_it_wants() {
+    let env = TestEnv::new();
+    let broker = broker(&env).await;
+    let channel = broker.channel().await.unwrap();
+    env.topology.declare(&channel).await.unwrap();
+    park(&broker, "WCLI", 9, "no_integration").await;
+    thena_testkit::wait_until(
+        "the parked message",
+        std::time::Duration::from_secs(5),
+        || async { (env.queue_depth(&env.topology.parked_queue()).await.ok()? == 1).then_some(()) },
+    )
+    .await;
+
+    let out = run(&env, &["dlq", "purge"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        "error: refusing to purge the parked queue (1 messages) without --yes-really \
+         (irreversible)\n"
+    );
+    let out = run(&env, &["dlq", "purge", "--yes-really"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "purged 1 messages from the parked queue\n");
+
+    let _ = channel.close(200, "done".into()).await;
+    broker.close().await;
+    env.cleanup().await;
+}
+
+#[test]
+fn every_dlq_flag_and_argument_has_help_text() {
+    let env = TestEnv::new();
+    for sub in ["list", "show", "replay", "purge"] {
+        let out = run(&env, &["dlq", sub, "-h"], &[]);
+        assert!(out.status.success(), "{sub}: {}", stderr(&out));
+        let help = stdout(&out);
+        // clap prints a bare name (or only `[default: …]`) when an option or argument
+        // has no doc comment.
+        for line in help.lines().filter(|l| l.starts_with("  ")) {
+            let trimmed = line.trim();
+            let is_arg = trimmed.starts_with('-') || trimmed.starts_with('<');
+            let help_text = trimmed.split_once("  ").map(|(_, text)| text.trim_start());
+            let flag_only = is_arg && help_text.is_none_or(|text| text.starts_with('['));
+            assert!(!flag_only, "dlq {sub}: no help for {trimmed:?}\n{help}");
+        }
+    }
+}

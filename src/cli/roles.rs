@@ -97,6 +97,9 @@ pub async fn fake_vitally(config: Config, args: FakeVitallyArgs) -> anyhow::Resu
 }
 
 pub async fn producer(config: Config) -> anyhow::Result<()> {
+    // Refuse before anything listens: a producer without a token must not look alive on
+    // its ops port, not even for a moment.
+    config.require_producer_token()?;
     let role = RoleRuntime::start(&config).await?;
     let state =
         thena_producer::from_config(&config, &role.registry, role.readiness.clone()).await?;
@@ -114,7 +117,8 @@ pub async fn replayer(config: Config) -> anyhow::Result<()> {
 
 pub async fn emit(config: Config, args: thena_producer::emit::EmitArgs) -> anyhow::Result<()> {
     use thena_producer::emit::{Via, emit_broker, emit_http};
-    let events = args.scenario(chrono::Utc::now()).events();
+    let now = chrono::Utc::now();
+    let events = args.scenario(now).events_until(now);
     let report = match args.via {
         Via::Http => {
             let token = config.require_producer_token()?;

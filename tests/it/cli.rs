@@ -245,3 +245,56 @@ fn every_dlq_flag_and_argument_has_help_text() {
         }
     }
 }
+
+#[test]
+fn a_producer_without_a_token_refuses_before_opening_its_ops_port() {
+    let env = TestEnv::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let out = run(&env, &["producer"], &[("METRICS_ADDR", &metrics)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("PRODUCER_TOKEN is required"),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was served, not even for a moment.
+    assert!(!stdout(&out).contains("ops endpoints"), "{}", stdout(&out));
+}
+
+#[test]
+fn redirected_logs_have_no_colour_codes_and_errors_name_each_cause_once() {
+    let env = TestEnv::new();
+    // The ops port opens (an info line), then RabbitMQ refuses the connection.
+    let out = run(
+        &env,
+        &["producer"],
+        &[
+            ("PRODUCER_TOKEN", "cli-test-token"),
+            ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let (logs, errors) = (stdout(&out), stderr(&out));
+    assert!(logs.contains("ops endpoints"), "{logs}");
+    assert!(
+        !logs.contains('\x1b') && !errors.contains('\x1b'),
+        "{logs:?}"
+    );
+
+    // Redis' error already carries its io cause: printed once, not twice.
+    let out = run(&env, &["consumer"], &[("REDIS_URL", "redis://127.0.0.1:1")]);
+    assert_eq!(out.status.code(), Some(1));
+    let errors = stderr(&out);
+    let refused = std::io::Error::from_raw_os_error(111).to_string(); // ECONNREFUSED
+    assert!(
+        errors.starts_with("error: cannot connect to Redis"),
+        "{errors}"
+    );
+    assert_eq!(errors.matches(&refused).count(), 1, "{errors}");
+    assert!(!stdout(&out).contains('\x1b'));
+}

@@ -137,6 +137,23 @@ impl Scenario {
         }
     }
 
+    /// The events of [`Scenario::events`], moved back in time as a whole so that none
+    /// happened after `now`: the last change is stamped `now` at the latest. A live desk
+    /// never reports a change from the future, and a consumer comparing `occurred_at`
+    /// with its clock must not see one.
+    pub fn events_until(&self, now: DateTime<Utc>) -> Vec<RequestChanged> {
+        let events = self.events();
+        let latest = events.iter().map(|e| e.occurred_at).max();
+        match latest {
+            Some(latest) if latest > now => Scenario {
+                start: self.start - (latest - now),
+                ..self.clone()
+            }
+            .events(),
+            _ => events,
+        }
+    }
+
     /// Every event of every request, interleaved the way a live desk produces them: all
     /// first steps, then all second steps, … (each request's own events stay in order).
     pub fn events(&self) -> Vec<RequestChanged> {
@@ -778,6 +795,33 @@ mod tests {
         assert_eq!(events, scenario.events());
         scenario.seed = 9;
         assert_ne!(events, scenario.events());
+    }
+
+    #[test]
+    fn emitted_events_never_happen_in_the_future() {
+        let now = Utc::now();
+        let args = <EmitArgs as clap::FromArgMatches>::from_arg_matches(
+            &<EmitArgs as clap::Args>::augment_args(clap::Command::new("emit"))
+                .get_matches_from(["emit"]),
+        )
+        .unwrap();
+        let naive = args.scenario(now).events();
+        assert!(
+            naive.iter().any(|e| e.occurred_at > now),
+            "the case being fixed"
+        );
+        let events = args.scenario(now).events_until(now);
+        assert_eq!(events.len(), naive.len());
+        let latest = events.iter().map(|e| e.occurred_at).max().unwrap();
+        assert_eq!(latest, now, "the last change happened just now");
+        for event in &events {
+            assert!(event.occurred_at <= now, "{} > {now}", event.occurred_at);
+            assert!(event.request.updated_at <= now);
+            assert!(event.request.created_at <= event.request.updated_at);
+        }
+        // A scenario entirely in the past stays as it is.
+        let past = args.scenario(start()).events_until(now);
+        assert_eq!(past, args.scenario(start()).events());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod dlq;
 mod integrations;
 mod roles;
+mod teardown;
 
 use std::path::PathBuf;
 
@@ -52,6 +53,9 @@ enum Command {
     Migrate,
     /// Print every configuration variable with its current value (secrets redacted).
     Config,
+    /// Remove a hand-run fleet: its exchanges and queues, its Redis keys and optionally
+    /// its PostgreSQL schema (`--dry-run` lists them). RETRY_TIERS must be the fleet's.
+    Teardown(teardown::TeardownArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -115,6 +119,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config => {
             print_config();
             Ok(())
+        }
+        Command::Teardown(args) => {
+            // lapin reports the passive declares of missing queues as channel errors.
+            telemetry::init_tracing(config.log_format, "warn,lapin=off");
+            teardown::run(config, args).await
         }
     }
 }

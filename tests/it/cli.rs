@@ -298,3 +298,99 @@ fn redirected_logs_have_no_colour_codes_and_errors_name_each_cause_once() {
     assert_eq!(errors.matches(&refused).count(), 1, "{errors}");
     assert!(!stdout(&out).contains('\x1b'));
 }
+
+async fn schema_exists(schema: &str) -> bool {
+    let db =
+        thena_store::Db::new(&SecretString::from(thena_testkit::database_url()), "public").unwrap();
+    db.client()
+        .await
+        .unwrap()
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+#[tokio::test]
+async fn teardown_lists_then_removes_a_fleets_queues_exchanges_redis_keys_and_schema() {
+    use redis::AsyncCommands;
+    let env = TestEnv::new();
+    let broker = broker(&env).await;
+    let channel = broker.channel().await.unwrap();
+    env.topology.declare(&channel).await.unwrap();
+    park(&broker, "WCLI", 1, "no_integration").await;
+    let _ = channel.close(200, "done".into()).await;
+    broker.close().await;
+    let _db = env.db().await; // creates and migrates the schema
+    let client = redis::Client::open(thena_testkit::redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let (mine, neighbour) = (
+        [
+            format!("{}:epoch", env.redis_prefix),
+            format!("{}:cache:x", env.redis_prefix),
+        ],
+        format!("{}x:kept", env.redis_prefix),
+    );
+    for key in mine.iter().chain([&neighbour]) {
+        let _: () = redis.set(key, "1").await.unwrap();
+    }
+    let queues = env.topology.queues();
+    let exchanges = env.topology.exchanges();
+    let args = ["teardown", "--prefix", &env.prefix, "--schema", &env.schema];
+
+    let out = run(&env, &[&args[..], &["--dry-run"]].concat(), &[]);
+    let listed = stdout(&out);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for queue in &queues {
+        assert!(
+            listed.contains(&format!("would delete queue {queue} (")),
+            "{listed}"
+        );
+    }
+    for exchange in &exchanges {
+        assert!(
+            listed.contains(&format!("would delete exchange {exchange}\n")),
+            "{listed}"
+        );
+    }
+    assert!(
+        listed.contains(&format!(
+            "would delete 2 Redis key(s) under {}:*",
+            env.redis_prefix
+        )),
+        "{listed}"
+    );
+    assert!(listed.contains(&format!("would delete PostgreSQL schema {}", env.schema)));
+    // A dry run changes nothing.
+    assert_eq!(
+        env.queue_depth(&env.topology.parked_queue()).await.unwrap(),
+        1
+    );
+    assert!(redis.exists::<_, bool>(&mine[0]).await.unwrap());
+    assert!(schema_exists(&env.schema).await);
+
+    let out = run(&env, &args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), listed.replace("would delete", "deleted"));
+    for queue in &queues {
+        assert!(env.queue_depth(queue).await.is_err(), "{queue} is gone");
+    }
+    for key in &mine {
+        assert!(!redis.exists::<_, bool>(key).await.unwrap(), "{key}");
+    }
+    assert!(
+        redis.exists::<_, bool>(&neighbour).await.unwrap(),
+        "another prefix's key stays"
+    );
+    assert!(!schema_exists(&env.schema).await);
+
+    let out = run(&env, &args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("nothing to remove for prefix {}\n", env.prefix)
+    );
+
+    let _: () = redis.del(&neighbour).await.unwrap();
+    env.cleanup().await;
+}

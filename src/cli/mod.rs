@@ -44,6 +44,7 @@ enum Command {
     /// prints where each demo request went.
     Demo(roles::DemoArgs),
     /// Serve the fake Vitally REST API (tests, demo, benchmarks).
+    #[command(after_help = roles::FAKE_VITALLY_HELP)]
     FakeVitally(roles::FakeVitallyArgs),
     /// Connect, inspect and change Vitally integrations (one per Slack workspace).
     #[command(subcommand)]
@@ -139,5 +140,25 @@ fn print_config() {
                 .map_or("<unset>".to_string(), |d| format!("{d} (default)")),
         };
         println!("{:<24} {shown}\n{:<24} {}\n", var.name, "", var.help);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fake_vitally_help_names_the_header_it_really_accepts() {
+        let help = super::roles::FAKE_VITALLY_HELP;
+        assert!(
+            help.contains(&fake_vitally::default_auth_header()),
+            "{help}"
+        );
+        for path in [
+            "/_fake/faults",
+            "/_fake/auth-headers",
+            "/_fake/seed",
+            "/_fake/state",
+        ] {
+            assert!(help.contains(path), "{path}");
+        }
     }
 }

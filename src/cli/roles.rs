@@ -48,6 +48,27 @@ pub async fn consumer(config: Config) -> anyhow::Result<()> {
     worker.run(role.shutdown).await
 }
 
+/// What `fake-vitally --help` says after the options: how to call it and how to break it.
+pub const FAKE_VITALLY_HELP: &str = "\
+Authentication: every /resources call needs `Authorization: Basic ZmFrZS1zZWNyZXQta2V5Og==`
+(base64 of \"fake-secret-key:\", the fake's test key, never a real credential) unless
+--auth-header says otherwise. Connect an integration with
+VITALLY_AUTH_HEADER='Basic ZmFrZS1zZWNyZXQta2V5Og==' and --api-url http://<HTTP_ADDR>.
+It serves on HTTP_ADDR only (no METRICS_ADDR; health: GET /_fake/healthz).
+
+Admin API (no auth, not counted, never faulted):
+  POST   /_fake/seed          a fixture: organizations, accounts, users, customObjects, instances
+  GET    /_fake/state         everything the fake holds
+  GET    /_fake/calls         call counts;  DELETE /_fake/calls resets them
+  POST   /_fake/faults        inject a fault; DELETE /_fake/faults clears them:
+           {\"type\":\"outage\",\"duration_ms\":5000,\"status\":503}
+           {\"type\":\"next_n\",\"count\":3,\"path_prefix\":\"/resources/users\",\"kind\":{\"status\":429}}
+           kind: {\"status\":N} | {\"latency_ms\":N} | \"drop\" (cut the connection)
+  PUT    /_fake/rate-limit    {\"limit\":5,\"window_ms\":1000}
+  POST   /_fake/auth-headers  {\"header\":\"Basic ...\"} also accept this header
+  PUT    /_fake/auth-headers  {\"header\":\"Basic ...\"} accept only this one (a key rotation)
+  GET    /_fake/healthz";
+
 #[derive(clap::Args)]
 pub struct FakeVitallyArgs {
     /// Accepted `Authorization` header (repeatable); default: the fake's own test key.

@@ -394,3 +394,26 @@ async fn teardown_lists_then_removes_a_fleets_queues_exchanges_redis_keys_and_sc
     let _: () = redis.del(&neighbour).await.unwrap();
     env.cleanup().await;
 }
+
+#[test]
+fn fake_vitally_help_states_its_auth_header_and_fault_api() {
+    let env = TestEnv::new();
+    let out = run(&env, &["fake-vitally", "--help"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let help = stdout(&out);
+    assert!(
+        help.contains(&format!(
+            "Authorization: {}",
+            fake_vitally::default_auth_header()
+        )),
+        "{help}"
+    );
+    for needle in [
+        "POST   /_fake/faults",
+        "/_fake/auth-headers",
+        "\"type\":\"outage\"",
+        "no METRICS_ADDR",
+    ] {
+        assert!(help.contains(needle), "{needle}:\n{help}");
+    }
+}

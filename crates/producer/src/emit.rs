@@ -78,6 +78,20 @@ pub fn sample_personas() -> Vec<Persona> {
     ]
 }
 
+/// `emit`'s requestors when none is given: four people the demo's customer base
+/// (`fake-vitally --demo-seed`, `crates/demo/src/customers.rs` PERSONAS) knows and links —
+/// org + account, org, account, account + its org — so a hand-run fleet against that
+/// fake syncs every request. A copy, since the producer must not depend on the demo
+/// (the integration tests check the two agree).
+pub fn demo_seed_personas() -> Vec<Persona> {
+    vec![
+        Persona::new("Alice", Some("alice@acme.com")),
+        Persona::new("Carol", Some("carol@acme.com")),
+        Persona::new("Dave", Some("dave@solo.io")),
+        Persona::new("Ivy", Some("ivy@conglo.com")),
+    ]
+}
+
 /// A custom category and the values a request may take for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Category {
@@ -674,7 +688,8 @@ pub struct EmitArgs {
     /// Seed of the generated content (same seed, same events).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Requestor as `Name` or `Name <email>`; repeat for a mix (default: one of each kind).
+    /// Requestor as `Name` or `Name <email>`; repeat for a mix (default: four people
+    /// the `fake-vitally --demo-seed` customer base links, e.g. `Alice <alice@acme.com>`).
     #[arg(long = "persona")]
     pub personas: Vec<Persona>,
 }
@@ -685,7 +700,7 @@ impl EmitArgs {
         Scenario {
             workspace_id: self.workspace.clone(),
             personas: if self.personas.is_empty() {
-                sample_personas()
+                demo_seed_personas()
             } else {
                 self.personas.clone()
             },

@@ -151,21 +151,29 @@ impl Scenario {
         }
     }
 
-    /// The events of [`Scenario::events`], moved back in time as a whole so that none
-    /// happened after `now`: the last change is stamped `now` at the latest. A live desk
-    /// never reports a change from the future, and a consumer comparing `occurred_at`
-    /// with its clock must not see one.
+    /// The events of [`Scenario::events`] with no timestamp after `now`: whatever the
+    /// simulated timeline puts later is stamped `now` (orderings are kept, a later step
+    /// may tie with an earlier one). A live desk never reports a change from the future.
+    /// The timeline is clamped rather than moved back so that, started at `now`, no
+    /// request predates an integration connected just before (it would be skipped as
+    /// `before_integration`).
     pub fn events_until(&self, now: DateTime<Utc>) -> Vec<RequestChanged> {
-        let events = self.events();
-        let latest = events.iter().map(|e| e.occurred_at).max();
-        match latest {
-            Some(latest) if latest > now => Scenario {
-                start: self.start - (latest - now),
-                ..self.clone()
+        let mut events = self.events();
+        for event in &mut events {
+            event.occurred_at = event.occurred_at.min(now);
+            let request = &mut event.request;
+            request.created_at = request.created_at.min(now);
+            request.updated_at = request.updated_at.min(now);
+            request.closed_at = request.closed_at.map(|at| at.min(now));
+            for message in request
+                .customer_thread
+                .iter_mut()
+                .chain(request.internal_thread.iter_mut())
+            {
+                message.ts = message.ts.min(now);
             }
-            .events(),
-            _ => events,
         }
+        events
     }
 
     /// Every event of every request, interleaved the way a live desk produces them: all
@@ -827,12 +835,23 @@ mod tests {
         );
         let events = args.scenario(now).events_until(now);
         assert_eq!(events.len(), naive.len());
-        let latest = events.iter().map(|e| e.occurred_at).max().unwrap();
-        assert_eq!(latest, now, "the last change happened just now");
         for event in &events {
+            let r = &event.request;
             assert!(event.occurred_at <= now, "{} > {now}", event.occurred_at);
-            assert!(event.request.updated_at <= now);
-            assert!(event.request.created_at <= event.request.updated_at);
+            assert!(
+                r.created_at >= now,
+                "starts at now: no request predates a connect"
+            );
+            assert!(r.created_at <= r.updated_at && r.updated_at <= now);
+            assert!(r.closed_at.is_none_or(|at| at <= now));
+            assert!(
+                r.customer_thread
+                    .iter()
+                    .chain(&r.internal_thread)
+                    .all(|m| m.ts <= now)
+            );
+            thena_events::parse_value(serde_json::to_value(event).unwrap(), &Limits::default())
+                .expect("still a valid event");
         }
         // A scenario entirely in the past stays as it is.
         let past = args.scenario(start()).events_until(now);

@@ -56,7 +56,8 @@ pub enum DlqCommand {
 
 #[derive(Args)]
 pub struct FilterArgs {
-    /// `parked` (waiting for a human) or `dead` (waiting for the replayer).
+    /// `parked` (waiting for a human), `dead` (waiting for the replayer) or `delay` (every
+    /// retry tier: waiting out a delay; list only).
     #[arg(long, default_value = "parked")]
     queue: DlqQueue,
     /// Only messages of this Slack workspace id, e.g. T024BE7LD.

@@ -417,3 +417,78 @@ fn fake_vitally_help_states_its_auth_header_and_fault_api() {
         assert!(help.contains(needle), "{needle}:\n{help}");
     }
 }
+
+#[tokio::test]
+async fn dlq_list_shows_what_waits_in_the_delay_queues_and_refuses_to_replay_them() {
+    // One long tier, so the message is still waiting when the CLI looks.
+    let env = TestEnv::with_tiers(vec![std::time::Duration::from_secs(120)]);
+    let broker = broker(&env).await;
+    let channel = broker.channel().await.unwrap();
+    env.topology.declare(&channel).await.unwrap();
+    let event = thena_events::sample::event("WDELAY", 42, 3, None);
+    let props = BasicProperties::default()
+        .with_message_id(event.event_id.to_string().into())
+        .with_content_type("application/json".into());
+    let publisher = broker.publisher().await.unwrap();
+    publisher
+        .defer(
+            &serde_json::to_vec(&event).unwrap(),
+            &props,
+            &Topology::routing_key("WDELAY"),
+            std::time::Duration::from_secs(1),
+            None,
+        )
+        .await
+        .unwrap();
+    publisher.close().await;
+    let delay_queue = env.topology.delay_queue(0);
+    thena_testkit::wait_until(
+        "the deferred message",
+        std::time::Duration::from_secs(5),
+        || async { (env.queue_depth(&delay_queue).await.ok()? == 1).then_some(()) },
+    )
+    .await;
+
+    let out = run(&env, &["dlq", "list", "--queue", "delay"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&event.event_id.to_string()))
+        .unwrap_or_else(|| panic!("the deferred event is listed:\n{table}"));
+    assert!(
+        row.contains("WDELAY") && row.contains("42") && row.contains("deferred"),
+        "{row}"
+    );
+    let out = run(&env, &["dlq", "show", &event.event_id.to_string()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("queue: delay\n"),
+        "{}",
+        stdout(&out)
+    );
+    // Looking returns the message to its queue.
+    thena_testkit::wait_until(
+        "the message back in its delay queue",
+        std::time::Duration::from_secs(5),
+        || async { (env.queue_depth(&delay_queue).await.ok()? == 1).then_some(()) },
+    )
+    .await;
+
+    for args in [
+        &["dlq", "replay", "--queue", "delay"][..],
+        &["dlq", "purge", "--queue", "delay", "--yes-really"],
+    ] {
+        let out = run(&env, args, &[]);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&out).contains("the delay queues can be listed and shown"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(env.queue_depth(&delay_queue).await.unwrap(), 1);
+    let _ = channel.close(200, "done".into()).await;
+    broker.close().await;
+    env.cleanup().await;
+}

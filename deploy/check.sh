@@ -9,14 +9,16 @@
 #   - deploy/prometheus             promtool check config / check rules / test rules, and
 #                                   the PrometheusRule is in sync with alerts.yml
 #   - deploy/grafana                every dashboard query parses as PromQL (promtool)
-# Usage: deploy/check.sh   (from any directory; installing needs apt-get and pip, as root)
+# Usage: deploy/check.sh   (from any directory; installing needs apt-get as root, and PyPI
+# for the pinned deploy/check-requirements.txt, installed into target/check-venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # promtool is kept here rather than installed with Debian's `prometheus` package, whose
 # install would also start a Prometheus server on :9090 (the fleet's METRICS_ADDR).
 TOOLS_DIR="${THENA_VITALLY_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/thena-vitally/tools}"
-PYTHON="${PYTHON:-python3}"
+# The interpreter that creates the virtual environment below (tools run in the venv).
+BASE_PYTHON="${PYTHON:-python3}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -79,11 +81,24 @@ else
 fi
 echo "promtool:            $PROMTOOL ($("$PROMTOOL" --version 2>&1 | head -n1 | awk '{print $3}'))"
 
-if ! "$PYTHON" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
-  echo "installing kubernetes-validate (PyPI; ships the Kubernetes schemas)…"
-  "$PYTHON" -m pip install -q --disable-pip-version-check --root-user-action=ignore kubernetes-validate
+# kubernetes-validate (PyPI; ships the Kubernetes schemas) and PyYAML, at the versions
+# pinned in deploy/check-requirements.txt, in a virtual environment under target/: never
+# into the system Python (Debian's refuses: externally-managed environment), and the
+# same versions on every machine. Recreated when the pins change.
+VENV="${THENA_VITALLY_CHECK_VENV:-$PWD/target/check-venv}"
+REQUIREMENTS=deploy/check-requirements.txt
+if ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt" 2>/dev/null; then
+  echo "installing $(grep -c '==' "$REQUIREMENTS") pinned Python packages into $VENV…"
+  if ! "$BASE_PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    apt_install python3-venv
+  fi
+  rm -rf "$VENV"
+  "$BASE_PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input -r "$REQUIREMENTS"
+  cp "$REQUIREMENTS" "$VENV/requirements.txt"
 fi
-echo "kubernetes-validate: $("$PYTHON" -m kubernetes_validate --version)"
+PYTHON="$VENV/bin/python"
+echo "kubernetes-validate: $("$PYTHON" -m kubernetes_validate --version) in $VENV"
 
 kustomize=()
 if command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null 2>&1; then

@@ -22,7 +22,7 @@ pub enum DlqCommand {
     },
     /// One message: its headers and pretty-printed body.
     Show {
-        /// The event id (message id).
+        /// The event id (message id), as the first column of `dlq list` shows it.
         id: String,
     },
     /// Send matching messages back to their original exchange and routing key, once.
@@ -35,7 +35,7 @@ pub enum DlqCommand {
         /// At most this many messages per second.
         #[arg(long)]
         rate: Option<f64>,
-        /// Who replays (audit); default: $USER.
+        /// Who replays (audit); default: $USER, then the host name.
         #[arg(long)]
         actor: Option<String>,
         /// Why (audit), e.g. a ticket.
@@ -44,8 +44,11 @@ pub enum DlqCommand {
     },
     /// Delete every message of a queue. Irreversible: needs --yes-really.
     Purge {
+        /// `parked` (waiting for a human) or `dead` (waiting for the replayer).
         #[arg(long, default_value = "parked")]
         queue: DlqQueue,
+        /// Confirm that the messages are to be deleted for good (without it, purge only
+        /// says how many there are).
         #[arg(long)]
         yes_really: bool,
     },
@@ -53,9 +56,11 @@ pub enum DlqCommand {
 
 #[derive(Args)]
 pub struct FilterArgs {
-    /// `parked` (waiting for a human) or `dead` (waiting for the replayer).
+    /// `parked` (waiting for a human), `dead` (waiting for the replayer) or `delay` (every
+    /// retry tier: waiting out a delay; list only).
     #[arg(long, default_value = "parked")]
     queue: DlqQueue,
+    /// Only messages of this Slack workspace id, e.g. T024BE7LD.
     #[arg(long)]
     workspace: Option<String>,
     /// Failure reason, e.g. vitally_400, no_integration, undecodable, delivery_limit.
@@ -101,6 +106,25 @@ pub async fn run(config: Config, command: DlqCommand) -> anyhow::Result<()> {
     result
 }
 
+/// Who replays, for the audit: `--actor`, else `$USER`, else the host name. Never a
+/// made-up name: with none of them the replay is refused.
+fn actor_name(explicit: Option<String>) -> anyhow::Result<String> {
+    let non_empty = |s: String| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    explicit
+        .and_then(non_empty)
+        .or_else(|| std::env::var("USER").ok().and_then(non_empty))
+        .or_else(|| {
+            ["/etc/hostname", "/proc/sys/kernel/hostname"]
+                .iter()
+                .find_map(|path| std::fs::read_to_string(path).ok().and_then(non_empty))
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot tell who replays ($USER and the host name are unset): pass --actor"
+            )
+        })
+}
+
 async fn execute(broker: &Broker, command: DlqCommand) -> anyhow::Result<()> {
     match command {
         DlqCommand::List {
@@ -108,8 +132,13 @@ async fn execute(broker: &Broker, command: DlqCommand) -> anyhow::Result<()> {
             offset,
             limit,
         } => {
-            let entries = dlq::list(broker, &filter.into(), Page { offset, limit }).await?;
-            print!("{}", dlq::render_table(&entries));
+            let filter: DlqFilter = filter.into();
+            let entries = dlq::list(broker, &filter, Page { offset, limit }).await?;
+            if entries.is_empty() {
+                print!("{}", dlq::nothing_to_do(filter.queue));
+            } else {
+                print!("{}", dlq::render_table(&entries));
+            }
         }
         DlqCommand::Show { id } => println!("{}", dlq::show(broker, &id).await?),
         DlqCommand::Replay {
@@ -122,13 +151,13 @@ async fn execute(broker: &Broker, command: DlqCommand) -> anyhow::Result<()> {
             let options = ReplayOptions {
                 dry_run,
                 rate_per_sec: rate,
-                actor: actor
-                    .or_else(|| std::env::var("USER").ok())
-                    .unwrap_or_else(|| "unknown".into()),
+                actor: actor_name(actor)?,
                 reason: why,
             };
             let report = dlq::replay(broker, &filter.into(), &options, progress_bar).await?;
-            eprintln!();
+            if report.matched >= PROGRESS_BAR_MIN {
+                eprintln!();
+            }
             print!("{}", report.render());
         }
         DlqCommand::Purge { queue, yes_really } => {
@@ -139,9 +168,12 @@ async fn execute(broker: &Broker, command: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs shorter than this show no progress bar.
+const PROGRESS_BAR_MIN: usize = 20;
+
 /// A one-line progress bar on stderr for runs long enough to need one.
 fn progress_bar(done: usize, total: usize) {
-    if total < 20 {
+    if total < PROGRESS_BAR_MIN {
         return;
     }
     let width = 40;

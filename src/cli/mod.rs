@@ -4,6 +4,7 @@ mod dlq;
 mod integrations;
 mod requests;
 mod roles;
+mod teardown;
 
 use std::path::PathBuf;
 
@@ -44,6 +45,7 @@ enum Command {
     /// prints where each demo request went.
     Demo(roles::DemoArgs),
     /// Serve the fake Vitally REST API (tests, demo, benchmarks).
+    #[command(after_help = roles::FAKE_VITALLY_HELP)]
     FakeVitally(roles::FakeVitallyArgs),
     /// Connect, inspect and change Vitally integrations (one per Slack workspace).
     #[command(subcommand)]
@@ -56,6 +58,9 @@ enum Command {
     Migrate,
     /// Print every configuration variable with its current value (secrets redacted).
     Config,
+    /// Remove a hand-run fleet: its exchanges and queues, its Redis keys and optionally
+    /// its PostgreSQL schema (`--dry-run` lists them). RETRY_TIERS must be the fleet's.
+    Teardown(teardown::TeardownArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -74,8 +79,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             roles::replayer(config).await
         }
         Command::Dlq(command) => {
-            // The audit lines (target thena::audit) are part of the output.
-            telemetry::init_tracing(config.log_format, "warn,thena::audit=info");
+            // `dlq replay` prints each audit line on stdout; the same line as a log event
+            // (target thena::audit) is for log pipelines only, so a terminal shows it once.
+            let filter = match config.log_format {
+                thena_runtime::config::LogFormat::Json => "warn,thena::audit=info",
+                thena_runtime::config::LogFormat::Pretty => "warn",
+            };
+            telemetry::init_tracing(config.log_format, filter);
             dlq::run(config, command).await
         }
         Command::Emit(args) => {
@@ -116,6 +126,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config => print_config(cli.config.as_deref()),
+        Command::Teardown(args) => {
+            // lapin reports the passive declares of missing queues as channel errors.
+            telemetry::init_tracing(config.log_format, "warn,lapin=off");
+            teardown::run(config, args).await
+        }
     }
 }
 
@@ -141,4 +156,24 @@ fn print_config(file: Option<&std::path::Path>) -> anyhow::Result<()> {
          integrations_key; replayer — broker."
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fake_vitally_help_names_the_header_it_really_accepts() {
+        let help = super::roles::FAKE_VITALLY_HELP;
+        assert!(
+            help.contains(&fake_vitally::default_auth_header()),
+            "{help}"
+        );
+        for path in [
+            "/_fake/faults",
+            "/_fake/auth-headers",
+            "/_fake/seed",
+            "/_fake/state",
+        ] {
+            assert!(help.contains(path), "{path}");
+        }
+    }
 }

@@ -48,6 +48,27 @@ pub async fn consumer(config: Config) -> anyhow::Result<()> {
     worker.run(role.shutdown).await
 }
 
+/// What `fake-vitally --help` says after the options: how to call it and how to break it.
+pub const FAKE_VITALLY_HELP: &str = "\
+Authentication: every /resources call needs `Authorization: Basic ZmFrZS1zZWNyZXQta2V5Og==`
+(base64 of \"fake-secret-key:\", the fake's test key, never a real credential) unless
+--auth-header says otherwise. Connect an integration with
+VITALLY_AUTH_HEADER='Basic ZmFrZS1zZWNyZXQta2V5Og==' and --api-url http://<HTTP_ADDR>.
+It serves on HTTP_ADDR only (no METRICS_ADDR; health: GET /_fake/healthz).
+
+Admin API (no auth, not counted, never faulted):
+  POST   /_fake/seed          a fixture: organizations, accounts, users, customObjects, instances
+  GET    /_fake/state         everything the fake holds
+  GET    /_fake/calls         call counts;  DELETE /_fake/calls resets them
+  POST   /_fake/faults        inject a fault; DELETE /_fake/faults clears them:
+           {\"type\":\"outage\",\"duration_ms\":5000,\"status\":503}
+           {\"type\":\"next_n\",\"count\":3,\"path_prefix\":\"/resources/users\",\"kind\":{\"status\":429}}
+           kind: {\"status\":N} | {\"latency_ms\":N} | \"drop\" (cut the connection)
+  PUT    /_fake/rate-limit    {\"limit\":5,\"window_ms\":1000}
+  POST   /_fake/auth-headers  {\"header\":\"Basic ...\"} also accept this header
+  PUT    /_fake/auth-headers  {\"header\":\"Basic ...\"} accept only this one (a key rotation)
+  GET    /_fake/healthz";
+
 #[derive(clap::Args)]
 pub struct FakeVitallyArgs {
     /// Accepted `Authorization` header (repeatable); default: the fake's own test key.
@@ -97,6 +118,9 @@ pub async fn fake_vitally(config: Config, args: FakeVitallyArgs) -> anyhow::Resu
 }
 
 pub async fn producer(config: Config) -> anyhow::Result<()> {
+    // Refuse before anything listens: a producer without a token must not look alive on
+    // its ops port, not even for a moment.
+    config.require_producer_token()?;
     let role = RoleRuntime::start(&config).await?;
     let state =
         thena_producer::from_config(&config, &role.registry, role.readiness.clone()).await?;
@@ -114,7 +138,8 @@ pub async fn replayer(config: Config) -> anyhow::Result<()> {
 
 pub async fn emit(config: Config, args: thena_producer::emit::EmitArgs) -> anyhow::Result<()> {
     use thena_producer::emit::{Via, emit_broker, emit_http};
-    let events = args.scenario(chrono::Utc::now()).events();
+    let now = chrono::Utc::now();
+    let events = args.scenario(now).events_until(now);
     let report = match args.via {
         Via::Http => {
             let token = config.require_producer_token()?;
@@ -129,6 +154,7 @@ pub async fn emit(config: Config, args: thena_producer::emit::EmitArgs) -> anyho
             .await?;
             let publisher = broker.publisher().await?;
             let report = emit_broker(&publisher, &events, args.rate).await;
+            publisher.close().await;
             broker.close().await;
             report
         }
@@ -166,7 +192,6 @@ pub struct DemoArgs {
 }
 
 pub async fn demo(config: Config, args: DemoArgs) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
     let options = thena_demo::DemoOptions {
         steps: args.steps,
         consumers: args.consumers.max(1),
@@ -194,7 +219,8 @@ pub async fn demo(config: Config, args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "\nall {} requests landed where the linking rules say, in {:.1} s",
         report.rows.len(),
-        started.elapsed().as_secs_f64()
+        // The run itself, not the time spent serving after it (`--serve`).
+        report.elapsed.as_secs_f64()
     );
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! project's fake Vitally over real HTTP, consumers built as the binary builds them.
 
 mod chaos;
+mod cli;
 mod config_cli;
 mod consumer;
 mod control;

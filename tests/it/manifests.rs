@@ -1384,3 +1384,33 @@ fn the_promql_scanner_finds_metric_names_and_nothing_else() {
     );
     assert!(names("1 + 2e3").is_empty());
 }
+
+/// `docker compose up` must work where RabbitMQ, Redis and PostgreSQL (or a hand-run
+/// fleet) already listen: every published host port is a `${…_HOST_PORT:-N}` variable
+/// whose default N is none of theirs, and no two services share one.
+#[test]
+fn compose_host_ports_are_variables_that_miss_locally_running_services() {
+    const LOCAL: [u16; 8] = [5672, 15672, 15692, 6379, 5432, 8080, 9090, 3000];
+    let compose = compose();
+    let mut seen = BTreeMap::new();
+    for service in compose_services(&compose) {
+        for published in service.spec["ports"].as_sequence().into_iter().flatten() {
+            let raw = scalar(published);
+            // "127.0.0.1:${NAME:-default}:container"
+            let host = raw
+                .split_once("${")
+                .and_then(|(_, rest)| rest.split_once('}'))
+                .map(|(inner, _)| inner)
+                .unwrap_or_else(|| panic!("{}: {raw} has a fixed host port", service.name));
+            let (name, default) = host.split_once(":-").expect("a default");
+            assert!(name.ends_with("_HOST_PORT"), "{}: {raw}", service.name);
+            let port: u16 = default.parse().expect("a numeric default");
+            assert!(!LOCAL.contains(&port), "{}: {raw} collides", service.name);
+            assert!(raw.starts_with("127.0.0.1:"), "{}: {raw}", service.name);
+            if let Some(other) = seen.insert(port, service.name.clone()) {
+                panic!("{} and {other} both publish {port}", service.name);
+            }
+        }
+    }
+    assert!(seen.len() >= 8, "{seen:?}");
+}

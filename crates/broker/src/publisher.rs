@@ -115,6 +115,22 @@ impl Publisher {
         self.inner.broker.topology()
     }
 
+    /// Closes the pool's channels and waits for the broker to confirm each close. Call it
+    /// before [`Broker::close`]: a channel merely dropped closes itself in the background
+    /// and, if the connection is closing by then, lapin logs that as a connection error.
+    /// Publishing afterwards opens fresh channels.
+    pub async fn close(&self) {
+        for slot in &self.inner.slots {
+            let channel = slot.lock().await.take();
+            if let Some(channel) = channel
+                && channel.status().connected()
+                && let Err(error) = channel.close(200, "publisher closed".into()).await
+            {
+                tracing::debug!(%error, "closing a publisher channel failed");
+            }
+        }
+    }
+
     /// Publishes an accepted event for the consumers. `Ok` only after the broker's ack.
     pub async fn publish_event(&self, event: &RequestChanged) -> Result<(), PublishError> {
         let body = serde_json::to_vec(event)?;

@@ -198,18 +198,29 @@ impl Topology {
         Ok(())
     }
 
-    /// Deletes everything [`Self::declare`] created (tests clean up with it).
-    pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
+    /// Every queue [`Self::declare`] creates.
+    pub fn queues(&self) -> Vec<String> {
         let mut queues = vec![self.sync_queue(), self.dead_queue(), self.parked_queue()];
         queues.extend(self.delay_queues());
-        for queue in &queues {
+        queues
+    }
+
+    /// Every exchange [`Self::declare`] creates (each delay tier has one named like its
+    /// queue).
+    pub fn exchanges(&self) -> Vec<String> {
+        let mut exchanges = vec![self.exchange(), self.dlx()];
+        exchanges.extend(self.delay_queues());
+        exchanges
+    }
+
+    /// Deletes everything [`Self::declare`] created (tests clean up with it).
+    pub async fn delete(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        for queue in &self.queues() {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await?;
         }
-        let mut exchanges = vec![self.exchange(), self.dlx()];
-        exchanges.extend(self.delay_queues());
-        for exchange in &exchanges {
+        for exchange in &self.exchanges() {
             channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                 .await?;

@@ -10,7 +10,7 @@ pub mod customers;
 mod report;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     time::Duration,
 };
@@ -27,7 +27,7 @@ use thena_sync::{outcome::Outcome, worker::Settled};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 
-pub use report::{DemoReport, RequestRow};
+pub use report::{DemoReport, InstanceView, REASONS, Recovery, RequestRow};
 
 pub const WORKSPACE: &str = "T0DEMO";
 
@@ -42,6 +42,8 @@ pub struct DemoOptions {
     pub deadline: Duration,
     /// Keep serving (metrics, API, fake) after the table until Ctrl-C.
     pub serve: bool,
+    /// Names the run's prefix `demo-{run_id}` (default: random); tests pick their own.
+    pub run_id: Option<String>,
 }
 
 impl Default for DemoOptions {
@@ -51,6 +53,7 @@ impl Default for DemoOptions {
             consumers: 2,
             deadline: Duration::from_secs(45),
             serve: false,
+            run_id: None,
         }
     }
 }
@@ -64,9 +67,29 @@ struct Endpoint {
 /// Runs the demo against `base` configuration (the environment's, normally) and
 /// returns what happened; the caller prints it.
 pub async fn run(base: &Config, options: &DemoOptions) -> anyhow::Result<DemoReport> {
-    let run_id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let started = tokio::time::Instant::now();
+    let random = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let run_id = options.run_id.as_deref().unwrap_or(&random);
     let config = demo_config(base, run_id)?;
     let shutdown = CancellationToken::new();
+    let result = run_in(&config, options, &shutdown, started).await;
+    if result.is_err() {
+        // Whatever failed (Redis down, a consumer that could not start, a request that
+        // never settled): the run's queues, exchanges, keys and schema still go.
+        shutdown.cancel();
+        cleanup(&config).await;
+    }
+    result
+}
+
+async fn run_in(
+    config: &Config,
+    options: &DemoOptions,
+    shutdown: &CancellationToken,
+    started: tokio::time::Instant,
+) -> anyhow::Result<DemoReport> {
+    let config = config.clone();
+    let shutdown = shutdown.clone();
 
     let fake = FakeVitally::spawn(FakeConfig::default()).await?;
     fake.seed(serde_json::from_value(customers::fixture())?)
@@ -113,10 +136,14 @@ pub async fn run(base: &Config, options: &DemoOptions) -> anyhow::Result<DemoRep
     let outcome = drive(&api, &token, &fake, options, &mut settled).await;
 
     let mut report = match outcome {
-        Ok(rows) => DemoReport::new(rows, &fake.dump(), &registries, &fake.calls()),
+        Ok((rows, recovery)) => {
+            let mut report = DemoReport::new(rows, &fake.dump(), &registries, &fake.calls());
+            report.recovery = recovery;
+            report.elapsed = started.elapsed();
+            report
+        }
         Err(e) => {
             stop(&shutdown, tasks, producer, replayer).await;
-            cleanup(&config).await;
             return Err(e);
         }
     };
@@ -141,6 +168,7 @@ pub async fn run(base: &Config, options: &DemoOptions) -> anyhow::Result<DemoRep
         .collect();
 
     if options.serve {
+        report.serving = true;
         println!("{report}");
         println!("serving until Ctrl-C …");
         tokio::signal::ctrl_c().await?;
@@ -148,6 +176,7 @@ pub async fn run(base: &Config, options: &DemoOptions) -> anyhow::Result<DemoRep
     stop(&shutdown, tasks, producer, replayer).await;
     cleanup(&config).await;
     fake.shutdown().await;
+    report.serving = false;
     Ok(report)
 }
 
@@ -203,7 +232,7 @@ async fn drive(
     fake: &RunningFake,
     options: &DemoOptions,
     settled: &mut mpsc::UnboundedReceiver<Settled>,
-) -> anyhow::Result<Vec<RequestRow>> {
+) -> anyhow::Result<(Vec<RequestRow>, Recovery)> {
     connect(api, token, fake).await?;
 
     let personas: Vec<Persona> = customers::PERSONAS
@@ -247,44 +276,94 @@ async fn drive(
     }
     tracing::debug!(events = events.len(), thread_only, "traffic sent");
 
-    let mut finals: BTreeMap<u64, Outcome> = BTreeMap::new();
+    // Wait until every event sent has its final outcome (synced, skipped or parked), not
+    // only each request's last version: a retried or deferred older version comes back
+    // later, and the counters are read only once nothing is in flight any more.
+    let all: HashSet<(u64, u64)> = events
+        .iter()
+        .map(|e| (e.request.id, e.request.version))
+        .collect();
+    let mut done: HashMap<(u64, u64), (tokio::time::Instant, Outcome)> = HashMap::new();
+    // A request's fate: the first settle that processed its last version (a retried or
+    // deferred older message is processed as the latest snapshot, coalesced; the last
+    // version's own message then settles as a duplicate, already_applied).
+    let mut fates: BTreeMap<u64, Outcome> = BTreeMap::new();
+    let mut retried: HashSet<(u64, u64)> = HashSet::new();
+    let mut last_retry: Option<tokio::time::Instant> = None;
+    let mut retries = 0;
     let deadline = tokio::time::Instant::now() + options.deadline;
-    while finals.len() < last_version.len() {
+    while done.len() < all.len() {
         let next = tokio::time::timeout_at(deadline, settled.recv())
             .await
             .with_context(|| {
                 format!(
-                    "only {} of {} requests settled within {:?}",
-                    finals.len(),
-                    last_version.len(),
+                    "only {} of {} events settled within {:?}",
+                    done.len(),
+                    all.len(),
                     options.deadline
                 )
             })?
             .context("every consumer stopped")?;
-        let (Some(request), Some(version)) = (next.request_id, next.processed_version) else {
+        let (Some(request), Some(version)) = (next.request_id, next.version) else {
             continue;
         };
-        let settles = matches!(next.outcome, Outcome::Synced { .. } | Outcome::Skipped(_));
-        // The first settle of the last version is its fate; a later one is a duplicate
-        // delivery (already_applied).
-        if settles && last_version.get(&request) == Some(&version) {
-            finals.entry(request).or_insert(next.outcome);
+        let key = (request, version);
+        let now = tokio::time::Instant::now();
+        match next.outcome {
+            Outcome::Retry { .. } => {
+                retries += 1;
+                retried.insert(key);
+                last_retry = Some(now);
+            }
+            Outcome::Synced { .. } | Outcome::Skipped(_) | Outcome::Park { .. } => {
+                if let Some(processed) = next.processed_version
+                    && last_version.get(&request) == Some(&processed)
+                {
+                    fates.entry(request).or_insert_with(|| next.outcome.clone());
+                }
+                if all.contains(&key) {
+                    done.entry(key).or_insert((now, next.outcome));
+                }
+            }
+            Outcome::Deferred { .. } | Outcome::Held { .. } => {}
         }
     }
+    let mut recovery = Recovery {
+        retried: retried.len(),
+        retries,
+        ..Recovery::default()
+    };
+    for key in &retried {
+        let Some((at, outcome)) = done.get(key) else {
+            continue;
+        };
+        match outcome {
+            Outcome::Synced { .. } => recovery.synced += 1,
+            Outcome::Skipped(_) => recovery.superseded += 1,
+            _ => {}
+        }
+        if let Some(outage_end) = last_retry {
+            recovery.after = recovery.after.max(at.saturating_duration_since(outage_end));
+        }
+    }
+    let finals = fates;
 
-    Ok(customers::PERSONAS
-        .iter()
-        .enumerate()
-        .map(|(i, persona)| {
-            let request_id = 101 + i as u64;
-            RequestRow {
-                request_id,
-                persona: *persona,
-                outcome: finals[&request_id].clone(),
-                versions: last_version[&request_id],
-            }
-        })
-        .collect())
+    Ok((
+        customers::PERSONAS
+            .iter()
+            .enumerate()
+            .map(|(i, persona)| {
+                let request_id = 101 + i as u64;
+                RequestRow {
+                    request_id,
+                    persona: *persona,
+                    outcome: finals[&request_id].clone(),
+                    versions: last_version[&request_id],
+                }
+            })
+            .collect::<Vec<_>>(),
+        recovery,
+    ))
 }
 
 /// Connects the demo workspace through the producer's admin API, like an admin would.

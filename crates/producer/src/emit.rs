@@ -78,6 +78,20 @@ pub fn sample_personas() -> Vec<Persona> {
     ]
 }
 
+/// `emit`'s requestors when none is given: four people the demo's customer base
+/// (`fake-vitally --demo-seed`, `crates/demo/src/customers.rs` PERSONAS) knows and links —
+/// org + account, org, account, account + its org — so a hand-run fleet against that
+/// fake syncs every request. A copy, since the producer must not depend on the demo
+/// (the integration tests check the two agree).
+pub fn demo_seed_personas() -> Vec<Persona> {
+    vec![
+        Persona::new("Alice", Some("alice@acme.com")),
+        Persona::new("Carol", Some("carol@acme.com")),
+        Persona::new("Dave", Some("dave@solo.io")),
+        Persona::new("Ivy", Some("ivy@conglo.com")),
+    ]
+}
+
 /// A custom category and the values a request may take for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Category {
@@ -135,6 +149,31 @@ impl Scenario {
             categories: default_categories(),
             seed: 0,
         }
+    }
+
+    /// The events of [`Scenario::events`] with no timestamp after `now`: whatever the
+    /// simulated timeline puts later is stamped `now` (orderings are kept, a later step
+    /// may tie with an earlier one). A live desk never reports a change from the future.
+    /// The timeline is clamped rather than moved back so that, started at `now`, no
+    /// request predates an integration connected just before (it would be skipped as
+    /// `before_integration`).
+    pub fn events_until(&self, now: DateTime<Utc>) -> Vec<RequestChanged> {
+        let mut events = self.events();
+        for event in &mut events {
+            event.occurred_at = event.occurred_at.min(now);
+            let request = &mut event.request;
+            request.created_at = request.created_at.min(now);
+            request.updated_at = request.updated_at.min(now);
+            request.closed_at = request.closed_at.map(|at| at.min(now));
+            for message in request
+                .customer_thread
+                .iter_mut()
+                .chain(request.internal_thread.iter_mut())
+            {
+                message.ts = message.ts.min(now);
+            }
+        }
+        events
     }
 
     /// Every event of every request, interleaved the way a live desk produces them: all
@@ -657,7 +696,8 @@ pub struct EmitArgs {
     /// Seed of the generated content (same seed, same events).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Requestor as `Name` or `Name <email>`; repeat for a mix (default: one of each kind).
+    /// Requestor as `Name` or `Name <email>`; repeat for a mix (default: four people
+    /// the `fake-vitally --demo-seed` customer base links, e.g. `Alice <alice@acme.com>`).
     #[arg(long = "persona")]
     pub personas: Vec<Persona>,
 }
@@ -668,7 +708,7 @@ impl EmitArgs {
         Scenario {
             workspace_id: self.workspace.clone(),
             personas: if self.personas.is_empty() {
-                sample_personas()
+                demo_seed_personas()
             } else {
                 self.personas.clone()
             },
@@ -778,6 +818,44 @@ mod tests {
         assert_eq!(events, scenario.events());
         scenario.seed = 9;
         assert_ne!(events, scenario.events());
+    }
+
+    #[test]
+    fn emitted_events_never_happen_in_the_future() {
+        let now = Utc::now();
+        let args = <EmitArgs as clap::FromArgMatches>::from_arg_matches(
+            &<EmitArgs as clap::Args>::augment_args(clap::Command::new("emit"))
+                .get_matches_from(["emit"]),
+        )
+        .unwrap();
+        let naive = args.scenario(now).events();
+        assert!(
+            naive.iter().any(|e| e.occurred_at > now),
+            "the case being fixed"
+        );
+        let events = args.scenario(now).events_until(now);
+        assert_eq!(events.len(), naive.len());
+        for event in &events {
+            let r = &event.request;
+            assert!(event.occurred_at <= now, "{} > {now}", event.occurred_at);
+            assert!(
+                r.created_at >= now,
+                "starts at now: no request predates a connect"
+            );
+            assert!(r.created_at <= r.updated_at && r.updated_at <= now);
+            assert!(r.closed_at.is_none_or(|at| at <= now));
+            assert!(
+                r.customer_thread
+                    .iter()
+                    .chain(&r.internal_thread)
+                    .all(|m| m.ts <= now)
+            );
+            thena_events::parse_value(serde_json::to_value(event).unwrap(), &Limits::default())
+                .expect("still a valid event");
+        }
+        // A scenario entirely in the past stays as it is.
+        let past = args.scenario(start()).events_until(now);
+        assert_eq!(past, args.scenario(start()).events());
     }
 
     #[test]

@@ -32,13 +32,18 @@ pub enum DlqQueue {
     Parked,
     /// Waiting for the replayer (normally short-lived).
     Dead,
+    /// Every delay tier's queue: retried and deferred events waiting for their delay to
+    /// end. Read-only: they go back to the sync queue by themselves.
+    Delay,
 }
 
 impl DlqQueue {
-    pub fn queue_name(self, topology: &Topology) -> String {
+    /// The RabbitMQ queues this stands for (one, or one per delay tier).
+    pub fn queue_names(self, topology: &Topology) -> Vec<String> {
         match self {
-            DlqQueue::Parked => topology.parked_queue(),
-            DlqQueue::Dead => topology.dead_queue(),
+            DlqQueue::Parked => vec![topology.parked_queue()],
+            DlqQueue::Dead => vec![topology.dead_queue()],
+            DlqQueue::Delay => topology.delay_queues(),
         }
     }
 
@@ -46,6 +51,7 @@ impl DlqQueue {
         match self {
             DlqQueue::Parked => "parked",
             DlqQueue::Dead => "dead",
+            DlqQueue::Delay => "delay",
         }
     }
 }
@@ -63,8 +69,9 @@ impl FromStr for DlqQueue {
         match s {
             "parked" => Ok(DlqQueue::Parked),
             "dead" => Ok(DlqQueue::Dead),
+            "delay" => Ok(DlqQueue::Delay),
             other => Err(DlqError::BadFilter(format!(
-                "unknown queue {other:?} (expected parked or dead)"
+                "unknown queue {other:?} (expected parked, dead or delay)"
             ))),
         }
     }
@@ -75,16 +82,20 @@ pub enum DlqError {
     /// Names the host, never the password: "cannot connect to RabbitMQ at host:port: ...".
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("{0} queue is empty")]
-    Empty(DlqQueue),
     #[error("bad filter: {0}")]
     BadFilter(String),
     #[error("bad option: {0}")]
     BadOption(String),
+    #[error(
+        "the delay queues can be listed and shown, not replayed or purged: their messages go \
+         back to the sync queue by themselves when their delay ends"
+    )]
+    DelayIsReadOnly,
     #[error("no message with event id {0} in the parked or dead queue")]
     NotFound(String),
     #[error(
-        "refusing to purge the {queue} queue ({messages} messages) without explicit confirmation"
+        "refusing to purge the {queue} queue ({messages} messages) without --yes-really \
+         (irreversible)"
     )]
     ConfirmRequired { queue: DlqQueue, messages: u32 },
     #[error("RabbitMQ error on the {queue} queue: {source}")]
@@ -315,8 +326,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, DlqError> {
         .ok_or_else(bad)
 }
 
+/// What every command says when no message matches, whether the queue is empty or the
+/// filter matched nothing: there is nothing to do, which is success.
+pub fn nothing_to_do(queue: DlqQueue) -> String {
+    format!("no matching messages in the {queue} queue: nothing to do\n")
+}
+
 /// Lists matching messages (after `page.offset`, at most `page.limit`), without removing
-/// any. An empty queue is an error, so a typo'd prefix does not look like "all is well".
+/// any. An empty queue lists nothing (the CLI says [`nothing_to_do`]).
 pub async fn list(
     broker: &Broker,
     filter: &DlqFilter,
@@ -324,44 +341,59 @@ pub async fn list(
 ) -> Result<Vec<DlqEntry>, DlqError> {
     filter.validate()?;
     let queue = filter.queue;
-    let scan = Scan::open(broker, queue).await?;
-    if scan.depth == 0 {
+    let mut entries = Vec::new();
+    for name in queue.queue_names(broker.topology()) {
+        let scan = Scan::open(broker, queue, name).await?;
+        if scan.depth == 0 {
+            scan.close(0).await;
+            continue;
+        }
+        let held = scan.read_all().await;
+        let now = Utc::now();
+        let read = held.map(|held| {
+            held.iter()
+                .map(|h| {
+                    let mut entry = DlqEntry::from_message(&h.properties, &h.data, now);
+                    if queue == DlqQueue::Delay && entry.class.is_none() {
+                        // No failure headers: deferred (rate budget, busy, held), not failed.
+                        entry.reason = "deferred".into();
+                    }
+                    entry
+                })
+                .filter(|e| filter.matches(e))
+                .collect::<Vec<_>>()
+        });
         scan.close(0).await;
-        return Err(DlqError::Empty(queue));
+        entries.extend(read?);
     }
-    let held = scan.read_all().await;
-    let now = Utc::now();
-    let entries = held.map(|held| {
-        held.iter()
-            .map(|h| DlqEntry::from_message(&h.properties, &h.data, now))
-            .filter(|e| filter.matches(e))
-            .skip(page.offset)
-            .take(page.limit)
-            .collect()
-    });
-    scan.close(0).await;
-    entries
+    Ok(entries
+        .into_iter()
+        .skip(page.offset)
+        .take(page.limit)
+        .collect())
 }
 
 /// Headers and pretty-printed body of the message with this event id (parked queue first,
-/// then dead).
+/// then dead, then the delay queues).
 pub async fn show(broker: &Broker, id: &str) -> Result<String, DlqError> {
     let id = id.trim();
     if id.is_empty() {
         return Err(DlqError::BadFilter("empty event id".into()));
     }
-    for queue in [DlqQueue::Parked, DlqQueue::Dead] {
-        let scan = Scan::open(broker, queue).await?;
-        let held = scan.read_all().await;
-        let now = Utc::now();
-        let found = held.map(|held| {
-            held.iter()
-                .find(|h| DlqEntry::from_message(&h.properties, &h.data, now).event_id == id)
-                .map(|h| render_message(queue, h))
-        });
-        scan.close(0).await;
-        if let Some(text) = found? {
-            return Ok(text);
+    for queue in [DlqQueue::Parked, DlqQueue::Dead, DlqQueue::Delay] {
+        for name in queue.queue_names(broker.topology()) {
+            let scan = Scan::open(broker, queue, name).await?;
+            let held = scan.read_all().await;
+            let now = Utc::now();
+            let found = held.map(|held| {
+                held.iter()
+                    .find(|h| DlqEntry::from_message(&h.properties, &h.data, now).event_id == id)
+                    .map(|h| render_message(queue, h))
+            });
+            scan.close(0).await;
+            if let Some(text) = found? {
+                return Ok(text);
+            }
         }
     }
     Err(DlqError::NotFound(id.to_owned()))
@@ -496,6 +528,7 @@ impl fmt::Display for AuditLine {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplayReport {
+    pub queue: DlqQueue,
     pub dry_run: bool,
     /// Messages that matched the filter.
     pub matched: usize,
@@ -509,7 +542,24 @@ pub struct ReplayReport {
 }
 
 impl ReplayReport {
+    fn nothing(queue: DlqQueue, dry_run: bool) -> Self {
+        ReplayReport {
+            queue,
+            dry_run,
+            matched: 0,
+            replayed: 0,
+            skipped: 0,
+            failed: Vec::new(),
+            audit: Vec::new(),
+        }
+    }
+
+    /// One line per audited message, then the totals; when nothing matched, only
+    /// [`nothing_to_do`].
     pub fn render(&self) -> String {
+        if self.matched == 0 {
+            return nothing_to_do(self.queue);
+        }
         let mut out = String::new();
         for line in &self.audit {
             out.push_str(&line.to_string());
@@ -557,16 +607,22 @@ pub async fn replay(
         ));
     }
     let queue = filter.queue;
+    if queue == DlqQueue::Delay {
+        return Err(DlqError::DelayIsReadOnly);
+    }
     let publisher = broker.publisher().await?;
-    let scan = Scan::open(broker, queue).await?;
+    let name = queue.queue_names(broker.topology()).remove(0);
+    let scan = Scan::open(broker, queue, name).await?;
     if scan.depth == 0 {
         scan.close(0).await;
-        return Err(DlqError::Empty(queue));
+        publisher.close().await;
+        return Ok(ReplayReport::nothing(queue, options.dry_run));
     }
     let held = match scan.read_all().await {
         Ok(held) => held,
         Err(error) => {
             scan.close(0).await;
+            publisher.close().await;
             return Err(error);
         }
     };
@@ -576,6 +632,7 @@ pub async fn replay(
         .partition(|h| filter.matches(&DlqEntry::from_message(&h.properties, &h.data, now)));
     let total = selected.len();
     let mut report = ReplayReport {
+        queue,
         dry_run: options.dry_run,
         matched: total,
         replayed: 0,
@@ -648,12 +705,16 @@ pub async fn replay(
     drop(selected);
     drop(others);
     scan.close(report.replayed).await;
+    publisher.close().await;
     Ok(report)
 }
 
 /// Removes every message of the queue. Refuses unless `confirm` is true.
 pub async fn purge(broker: &Broker, queue: DlqQueue, confirm: bool) -> Result<u32, DlqError> {
-    let name = queue.queue_name(broker.topology());
+    if queue == DlqQueue::Delay {
+        return Err(DlqError::DelayIsReadOnly);
+    }
+    let name = queue.queue_names(broker.topology()).remove(0);
     let channel = broker.channel().await?;
     let amqp = |source| DlqError::Amqp { queue, source };
     let result = async {
@@ -732,9 +793,8 @@ struct Scan {
 const RETURN_SETTLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Scan {
-    async fn open(broker: &Broker, queue: DlqQueue) -> Result<Scan, DlqError> {
+    async fn open(broker: &Broker, queue: DlqQueue, name: String) -> Result<Scan, DlqError> {
         let channel = broker.channel().await?;
-        let name = queue.queue_name(broker.topology());
         match queue_depth(&channel, &name).await {
             Ok(depth) => Ok(Scan {
                 broker: broker.clone(),
@@ -774,6 +834,11 @@ impl Scan {
     /// counts them again, so a command run right after this one sees them.
     async fn close(self, acked: usize) {
         close_quietly(&self.channel).await;
+        if self.queue == DlqQueue::Delay {
+            // A returned message whose delay ended meanwhile moves on at once: the depth
+            // need not come back, and nothing is waiting to read it.
+            return;
+        }
         let expected = (self.depth as usize).saturating_sub(acked);
         let Ok(probe) = self.broker.channel().await else {
             return;
@@ -860,6 +925,7 @@ mod tests {
         assert!(empty.validate().is_err());
         assert!("archive".parse::<DlqQueue>().is_err());
         assert_eq!("dead".parse::<DlqQueue>().unwrap(), DlqQueue::Dead);
+        assert_eq!("delay".parse::<DlqQueue>().unwrap(), DlqQueue::Delay);
     }
 
     #[test]

@@ -228,7 +228,7 @@ async fn replay_republishes_to_the_original_route_once_with_an_audit_trail() {
 }
 
 #[tokio::test]
-async fn purge_needs_confirmation_and_an_empty_queue_says_so() {
+async fn purge_needs_confirmation_and_an_empty_queue_is_nothing_to_do() {
     with_broker(test_topology(), |broker| async move {
         park(
             &broker,
@@ -244,6 +244,7 @@ async fn purge_needs_confirmation_and_an_empty_queue_says_so() {
             matches!(refused, DlqError::ConfirmRequired { messages: 1, .. }),
             "{refused}"
         );
+        assert!(refused.to_string().contains("--yes-really"), "{refused}");
         assert_eq!(
             dlq::list(&broker, &DlqFilter::default(), Page::default())
                 .await
@@ -261,24 +262,29 @@ async fn purge_needs_confirmation_and_an_empty_queue_says_so() {
             .await
         );
 
+        // An empty queue is nothing to do, said like a filter that matches nothing.
         let empty = dlq::list(&broker, &DlqFilter::default(), Page::default())
             .await
-            .unwrap_err();
-        assert_eq!(empty.to_string(), "parked queue is empty");
+            .unwrap();
+        assert!(empty.is_empty());
         let nothing = dlq::replay(&broker, &DlqFilter::default(), &options(false), |_, _| {})
             .await
-            .unwrap_err();
-        assert_eq!(nothing.to_string(), "parked queue is empty");
+            .unwrap();
+        assert_eq!((nothing.matched, nothing.replayed), (0, 0));
+        assert_eq!(
+            nothing.render(),
+            "no matching messages in the parked queue: nothing to do\n"
+        );
+        assert_eq!(nothing.render(), dlq::nothing_to_do(DlqQueue::Parked));
         let dead = DlqFilter {
             queue: DlqQueue::Dead,
             ..DlqFilter::default()
         };
-        assert_eq!(
+        assert!(
             dlq::list(&broker, &dead, Page::default())
                 .await
-                .unwrap_err()
-                .to_string(),
-            "dead queue is empty"
+                .unwrap()
+                .is_empty()
         );
     })
     .await;

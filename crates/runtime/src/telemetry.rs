@@ -1,5 +1,7 @@
 //! Tracing set-up shared by every role: human-readable or JSON lines, filtered by RUST_LOG.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::LogFormat;
@@ -18,7 +20,15 @@ pub fn init_tracing(format: LogFormat, default_filter: &str) {
                     .with_target(true),
             )
             .try_init(),
-        LogFormat::Pretty => registry.with(fmt::layer().with_target(false)).try_init(),
+        // Colours only for a person at a terminal: redirected logs (a file, a pipe, a
+        // collector) get no ANSI escape codes. The fmt layer writes to stdout.
+        LogFormat::Pretty => registry
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    .with_ansi(std::io::stdout().is_terminal()),
+            )
+            .try_init(),
     };
     // Already initialised by an earlier caller in the same process: keep that one.
     drop(result);

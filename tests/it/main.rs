@@ -7,5 +7,6 @@ mod control;
 mod delivery;
 mod demo;
 mod docs;
+mod fidelity;
 mod manifests;
 mod support;

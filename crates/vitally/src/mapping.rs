@@ -60,7 +60,8 @@ pub struct Mapped {
 }
 
 /// Maps `event` onto the fields in `fields`. Every fixed trait present in the map is
-/// written (absent values as `null`, since the event is a full snapshot).
+/// written (absent values as `null`, since the event is a full snapshot), and so is every
+/// category field: a category absent from the snapshot is cleared with `null`.
 pub fn map_instance(event: &RequestChanged, fields: &FieldMap, opts: &MappingOptions) -> Mapped {
     let mut traits = Map::new();
     let mut missing_fixed = Vec::new();
@@ -90,6 +91,11 @@ pub fn map_instance(event: &RequestChanged, fields: &FieldMap, opts: &MappingOpt
             None => mistyped.push(category.clone()),
         }
     }
+    // The snapshot lists every category the request has: a category field it does not
+    // mention was removed from the request (or never set), so its old value is cleared.
+    for field in owned_category_fields(fields) {
+        traits.entry(field.path.clone()).or_insert(Value::Null);
+    }
 
     Mapped {
         name: format!("Thena Request ID: {}", event.request.id),
@@ -116,6 +122,18 @@ fn lookup<'a>(fields: &'a FieldMap, label: &str) -> Option<&'a FieldRef> {
 fn is_fixed_label(l: &str) -> bool {
     let lower = l.to_lowercase();
     FIXED_TRAITS.iter().any(|(f, _)| f.to_lowercase() == lower)
+}
+
+/// The object's fields that hold custom categories: every field that is not a fixed
+/// trait and can hold a category's text (the object is ours, and a category's field is
+/// labelled like the category; a number or datetime field never receives one).
+fn owned_category_fields(fields: &FieldMap) -> impl Iterator<Item = &FieldRef> {
+    fields
+        .iter()
+        .filter(|(l, f)| {
+            !is_fixed_label(l) && matches!(f.field_type, FieldType::String | FieldType::Textarea)
+        })
+        .map(|(_, f)| f)
 }
 
 /// Pairs each custom category with its field; exact labels win over case-insensitive

@@ -227,6 +227,25 @@ fn a_category_without_a_field_is_dropped_and_listed() {
 }
 
 #[test]
+fn a_category_field_the_snapshot_does_not_mention_is_cleared_with_null() {
+    let mut event = sample::full_event();
+    event.request.custom_fields.clear();
+    event
+        .request
+        .custom_fields
+        .insert("region".into(), "EMEA".into());
+    let mut fields = vitally_fields(&["Product", "Region", "Score"]);
+    // A number field can never hold a category: not ours to clear.
+    fields.get_mut("Score").expect("score").field_type = FieldType::Number;
+    let mapped = map_instance(&event, &fields, &MappingOptions::default());
+    assert_eq!(mapped.traits[&path(&fields, "Product")], Value::Null);
+    assert_eq!(mapped.traits[&path(&fields, "Region")], json!("EMEA"));
+    assert!(!mapped.traits.contains_key(&path(&fields, "Score")));
+    assert!(mapped.dropped_categories.is_empty());
+    assert_eq!(mapped.traits.len(), 22, "20 fixed + Product + Region");
+}
+
+#[test]
 fn a_category_matches_its_field_case_insensitively_but_an_exact_label_wins() {
     let mut event = sample::full_event();
     event.request.custom_fields.clear();

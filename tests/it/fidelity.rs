@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use thena_events::sample;
+use thena_events::{ThreadMessage, sample};
 use thena_testkit::wait_until;
 
 use crate::support::{Fleet, WS};
@@ -75,6 +75,55 @@ async fn a_category_removed_from_the_request_is_cleared_in_vitally() {
         None,
         "the removed category keeps its old value: {:?}",
         instance.traits
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_thread_keeps_its_newest_messages_behind_an_earlier_marker() {
+    let mut fleet = Fleet::start_with(Default::default(), &[("TEXTAREA_LIMIT", "600")]).await;
+    fleet.connect(WS, |_| {}).await;
+    fleet.spawn_consumer().await;
+
+    let mut event = sample::event(WS, 52, 1, Some("alice@acme.com"));
+    let start = event.request.created_at;
+    event.request.customer_thread = (0..100)
+        .map(|i| ThreadMessage {
+            author: "Harsh".into(),
+            text: format!("message number {i}"),
+            ts: start + chrono::Duration::seconds(i),
+        })
+        .collect();
+    fleet.publish(&event).await;
+
+    let instance = wait_instance(&fleet, 52, "the instance", |_| true).await;
+    let thread = trait_of(&instance, "customerThread")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .expect("a customer thread");
+    assert!(
+        thread.ends_with(": message number 99"),
+        "the newest message is lost: …{}",
+        &thread[thread.len().saturating_sub(80)..]
+    );
+    let first = thread.lines().next().unwrap_or_default();
+    let earlier: u64 = first
+        .strip_prefix("… ")
+        .and_then(|rest| rest.strip_suffix(" earlier messages"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no leading marker: {first:?}"));
+    let kept = thread.lines().count() as u64 - 1;
+    assert_eq!(earlier + kept, 100, "every message is kept or counted");
+    assert!(
+        thread
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains(&format!("number {earlier}"))
+    );
+    assert!(
+        thread.chars().count() <= 600,
+        "{} chars",
+        thread.chars().count()
     );
     fleet.stop().await;
 }

@@ -183,12 +183,8 @@ fn fixed_value(event: &RequestChanged, fixed_label: &str, opts: &MappingOptions)
         label::AI_TAGS => opt_string((!r.ai_tags.is_empty()).then(|| r.ai_tags.join(", "))),
         label::ASSIGNED_TO => plain(&r.assigned_to),
         label::CSAT => text(&r.csat),
-        label::CUSTOMER_THREAD => {
-            opt_string(render_thread(&r.customer_thread).map(|t| truncate(&t, limit)))
-        }
-        label::INTERNAL_THREAD => {
-            opt_string(render_thread(&r.internal_thread).map(|t| truncate(&t, limit)))
-        }
+        label::CUSTOMER_THREAD => opt_string(render_thread_within(&r.customer_thread, limit)),
+        label::INTERNAL_THREAD => opt_string(render_thread_within(&r.internal_thread, limit)),
         label::MESSAGE_TEXT => text(&r.message_text),
         label::PERMALINK => plain(&r.permalink),
         label::CLOSED_AT => opt_string(r.closed_at.as_ref().map(datetime)),
@@ -248,20 +244,69 @@ fn requestor(r: &thena_events::Requestor) -> Option<String> {
 /// One message per line, "author (ts): text", oldest first so the newest is last. Line
 /// breaks inside a message are indented so every unindented line starts a message.
 pub fn render_thread(messages: &[ThreadMessage]) -> Option<String> {
-    if messages.is_empty() {
-        return None;
-    }
+    let lines = thread_lines(messages);
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+fn thread_lines(messages: &[ThreadMessage]) -> Vec<String> {
     let mut sorted: Vec<&ThreadMessage> = messages.iter().collect();
     // Stable: messages with the same timestamp keep their order.
     sorted.sort_by_key(|m| m.ts);
-    let lines: Vec<String> = sorted
+    sorted
         .iter()
         .map(|m| {
             let text = m.text.replace("\r\n", "\n").replace('\n', "\n  ");
             format!("{} ({}): {}", m.author, datetime(&m.ts), text)
         })
-        .collect();
-    Some(lines.join("\n"))
+        .collect()
+}
+
+/// The first line of a thread that lost its `n` oldest messages to the limit.
+pub fn earlier_marker(n: usize) -> String {
+    if n == 1 {
+        "… 1 earlier message".to_string()
+    } else {
+        format!("… {n} earlier messages")
+    }
+}
+
+/// The thread as `render_thread` shows it, within `limit` characters: when it is longer,
+/// the newest messages that fit are kept (a CSM needs the latest replies), after a first
+/// line `… N earlier messages`. If not even the newest message fits, it is cut at the
+/// limit with the truncation marker, so the result never exceeds `limit` + marker.
+pub fn render_thread_within(messages: &[ThreadMessage], limit: usize) -> Option<String> {
+    let lines = thread_lines(messages);
+    let full = lines.join("\n");
+    if lines.is_empty() || full.chars().count() <= limit {
+        return (!lines.is_empty()).then_some(full);
+    }
+    let total = lines.len();
+    // The most newest lines that fit after the marker (sizes in characters).
+    let mut kept_chars = 0;
+    let mut best = None;
+    for (k, line) in lines.iter().rev().enumerate() {
+        let kept = k + 1;
+        kept_chars += line.chars().count() + 1; // the line and the break before it
+        if kept < total && earlier_marker(total - kept).chars().count() + kept_chars <= limit {
+            best = Some(kept);
+        }
+    }
+    Some(match best {
+        Some(kept) => {
+            let mut out = earlier_marker(total - kept);
+            for line in &lines[total - kept..] {
+                out.push('\n');
+                out.push_str(line);
+            }
+            out
+        }
+        // A single message too long on its own: its beginning.
+        None if total == 1 => truncate(&lines[0], limit),
+        None => truncate(
+            &format!("{}\n{}", earlier_marker(total - 1), lines[total - 1]),
+            limit,
+        ),
+    })
 }
 
 /// Cuts `s` to at most `limit` characters (on a char boundary) and appends the marker

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
 use thena_events::{ThreadMessage, sample};
 use thena_testkit::wait_until;
@@ -124,6 +125,38 @@ async fn a_long_thread_keeps_its_newest_messages_behind_an_earlier_marker() {
         thread.chars().count() <= 600,
         "{} chars",
         thread.chars().count()
+    );
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datetimes_reach_vitally_with_the_precision_thena_sent() {
+    let mut fleet = Fleet::start().await;
+    fleet.connect(WS, |_| {}).await;
+    fleet.spawn_consumer().await;
+
+    let mut event = sample::event(WS, 53, 1, Some("alice@acme.com"));
+    // Now, with exactly 123 ms (the connect set established_at a moment ago).
+    let now = Utc::now() + chrono::Duration::seconds(1);
+    let millis = |t: DateTime<Utc>| -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(t.timestamp() * 1000 + 123)
+            .single()
+            .expect("valid")
+    };
+    event.request.created_at = millis(now);
+    event.request.updated_at = millis(now + chrono::Duration::seconds(5));
+    fleet.publish(&event).await;
+
+    let instance = wait_instance(&fleet, 53, "the instance", |_| true).await;
+    let expect =
+        |t: DateTime<Utc>| Some(Value::from(t.format("%Y-%m-%dT%H:%M:%S.123Z").to_string()));
+    assert_eq!(
+        trait_of(&instance, "requestCreatedAt"),
+        expect(event.request.created_at)
+    );
+    assert_eq!(
+        trait_of(&instance, "requestUpdatedAt"),
+        expect(event.request.updated_at)
     );
     fleet.stop().await;
 }

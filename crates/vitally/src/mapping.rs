@@ -225,8 +225,10 @@ fn coerce(value: Value, canonical: FieldType, target: FieldType) -> Option<Value
     }
 }
 
+/// RFC 3339 in UTC with the precision Thena sent: no fraction for whole seconds, else
+/// milliseconds, microseconds or nanoseconds as needed (never cut to seconds).
 fn datetime(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// "name <email>", or whichever of the two exists.

@@ -111,12 +111,14 @@ fn a_full_event_fills_all_22_product_doc_traits_with_the_right_json_types() {
     assert_eq!(get(label::AI_TAGS), json!("billing, sso"));
     assert_eq!(get(label::REQUESTOR), json!("Harsh <harsh@thena.ai>"));
     assert_eq!(get(label::CREATED_AT), json!("2026-11-18T11:06:40Z"));
+    // The precision Thena sent, never cut to seconds.
+    assert_eq!(get(label::UPDATED_AT), json!("2026-11-18T11:16:40.125Z"));
     assert_eq!(get("Product"), json!("Request Management"));
     assert_eq!(
         get(label::CUSTOMER_THREAD),
         json!(
             "Harsh (2026-11-18T11:06:40Z): Hi team, our new hires cannot log in with SSO.\n\
-             Jane Doe (2026-11-18T11:08:40Z): Looking into it now."
+             Jane Doe (2026-11-18T11:08:40.250Z): Looking into it now."
         )
     );
 }

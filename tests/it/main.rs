@@ -7,6 +7,7 @@ mod control;
 mod delivery;
 mod demo;
 mod docs;
+mod duplicates;
 mod fidelity;
 mod manifests;
 mod support;

@@ -178,8 +178,16 @@ impl Topology {
                     FieldTable::default(),
                 )
                 .await?;
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long_string("classic"));
+            // Quorum (replicated: a node loss does not lose what waits here), with
+            // at-least-once dead-lettering so an expiring message is only removed once
+            // the sync queue confirmed it; RabbitMQ (≥ 3.10, per-queue TTL on quorum
+            // queues since 3.10) requires reject-publish overflow for that strategy.
+            let mut args = quorum_args();
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            args.insert("x-overflow".into(), long_string("reject-publish"));
             args.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(

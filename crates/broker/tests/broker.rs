@@ -186,6 +186,57 @@ async fn a_deferred_message_comes_back_to_the_sync_queue_with_its_original_routi
     .await;
 }
 
+/// The arguments of a delay tier's queue, with `queue_type` and `strategy`.
+fn delay_args(topology: &Topology, tier: usize, queue_type: &str, strategy: &str) -> FieldTable {
+    let text = |s: &str| AMQPValue::LongString(s.into());
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text(queue_type));
+    args.insert("x-dead-letter-strategy".into(), text(strategy));
+    args.insert("x-overflow".into(), text("reject-publish"));
+    let ttl = i64::try_from(topology.tier_delay(tier).as_millis()).unwrap();
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+    args.insert("x-dead-letter-exchange".into(), text(&topology.exchange()));
+    args
+}
+
+#[tokio::test]
+async fn delay_queues_are_quorum_queues_that_dead_letter_at_least_once() {
+    with_broker(test_topology(), |broker| async move {
+        let topology = broker.topology().clone();
+        let durable = lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for tier in 0..topology.delay_tiers.len() {
+            let name = topology.delay_queue(tier);
+            // RabbitMQ refuses a redeclare with inequivalent arguments, so an accepted one
+            // names the queue's arguments.
+            let channel = broker.channel().await.unwrap();
+            channel
+                .queue_declare(
+                    name.as_str().into(),
+                    durable,
+                    delay_args(&topology, tier, "quorum", "at-least-once"),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{name} is not a quorum at-least-once queue: {e}"));
+            for (queue_type, strategy) in [("classic", "at-least-once"), ("quorum", "at-most-once")]
+            {
+                let channel = broker.channel().await.unwrap();
+                let refused = channel
+                    .queue_declare(
+                        name.as_str().into(),
+                        durable,
+                        delay_args(&topology, tier, queue_type, strategy),
+                    )
+                    .await;
+                assert!(refused.is_err(), "{name} is also {queue_type}/{strategy}");
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn dead_letter_and_park_carry_the_failure_in_headers() {
     with_broker(test_topology(), |broker| async move {

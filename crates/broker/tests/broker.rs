@@ -294,6 +294,56 @@ async fn dead_letter_and_park_carry_the_failure_in_headers() {
     .await;
 }
 
+/// Issue 14, item 1: the dead queue has an explicit delivery limit and target, so a dead
+/// letter that keeps crashing the replayer is parked, never dropped (RabbitMQ 4.x drops a
+/// quorum queue's message past its default limit when there is no target).
+#[tokio::test]
+async fn a_dead_letter_past_the_delivery_limit_is_parked_by_rabbitmq() {
+    with_broker(
+        test_topology().with_delivery_limit(2),
+        |broker| async move {
+            let publisher = broker.publisher().await.unwrap();
+            let topology = broker.topology().clone();
+            publisher
+                .publish_raw(
+                    &topology.dlx(),
+                    "request.T0WS7",
+                    b"{}",
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            let channel = broker.channel().await.unwrap();
+            let until = Instant::now() + WAIT;
+            while Instant::now() < until {
+                match channel
+                    .basic_get(topology.dead_queue().into(), Default::default())
+                    .await
+                    .unwrap()
+                {
+                    Some(message) => {
+                        message
+                            .delivery
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                ..Default::default()
+                            })
+                            .await
+                            .unwrap();
+                    }
+                    None if depth(&channel, &topology.parked_queue()).await == 1 => break,
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            let parked = take(&channel, &topology.parked_queue(), WAIT)
+                .await
+                .expect("RabbitMQ parked the crash-looping dead letter");
+            assert_eq!(parked.delivery.data, b"{}");
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn rabbitmq_dead_letters_a_message_past_the_delivery_limit_without_our_headers() {
     with_broker(

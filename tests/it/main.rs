@@ -9,6 +9,8 @@ mod control;
 mod delivery;
 mod demo;
 mod docs;
+mod duplicates;
+mod fidelity;
 mod ledger;
 mod manifests;
 mod support;

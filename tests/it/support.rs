@@ -262,6 +262,16 @@ impl Fleet {
             .sum()
     }
 
+    /// The sum of every sample of the counter `name` across every consumer so far.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.registries()
+            .flat_map(|r| r.gather())
+            .filter(|family| family.name() == name)
+            .flat_map(|family| family.get_metric().to_vec())
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
+    }
+
     /// Events settled for good (synced or skipped) across every consumer.
     pub fn settled(&self) -> u64 {
         self.count("synced", None) + self.count("skipped", None) + self.count("parked", None)

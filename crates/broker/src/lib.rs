@@ -7,10 +7,10 @@
 //!  producer ──► {p}.requests (topic) ──request.#──► {p}.requests.sync (quorum, delivery limit)
 //!                    ▲                                   │ consumer: dead_letter / park / defer
 //!                    │ TTL expiry (keeps routing key)    │ RabbitMQ: delivery limit exceeded
-//!   {p}.requests.delay.{ms}ms (fanout ► classic, TTL)    ▼
+//!   {p}.requests.delay.{ms}ms (fanout ► quorum, TTL)     ▼
 //!                    ▲                      {p}.requests.dlx (fanout) ──► {p}.requests.dead (quorum)
 //!                    └─────────── replayer: retry ◄──────────────────────────────┘
-//!                                 replayer: park ──► {p}.requests.parked (quorum, for humans)
+//!                                 replayer: park ──► {p}.requests.parked (classic, for humans)
 //! ```
 
 mod broker;

@@ -163,10 +163,36 @@ impl Topology {
         declare_queue(channel, &self.sync_queue(), sync_args).await?;
         bind(channel, &self.sync_queue(), &self.exchange(), "request.#").await?;
 
-        declare_queue(channel, &self.dead_queue(), quorum_args()).await?;
+        // Every queue's limit and dead-letter target is explicit: RabbitMQ 4.x gives a
+        // quorum queue without one a delivery limit of 20 and then drops the message.
+        // A dead letter that keeps crashing the replayer is parked by RabbitMQ itself.
+        let mut dead_args = quorum_args();
+        dead_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        dead_args.insert("x-dead-letter-exchange".into(), long_string(""));
+        dead_args.insert(
+            "x-dead-letter-routing-key".into(),
+            long_string(&self.parked_queue()),
+        );
+        dead_args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
+        dead_args.insert("x-overflow".into(), long_string("reject-publish"));
+        declare_queue(channel, &self.dead_queue(), dead_args).await?;
         bind(channel, &self.dead_queue(), &self.dlx(), "").await?;
 
-        declare_queue(channel, &self.parked_queue(), quorum_args()).await?;
+        // Parked messages wait for humans, who browse them (`dlq list/show`) and the
+        // replayer peeks at the oldest every poll: both fetch and return messages. On a
+        // quorum queue every return counts as a delivery (x-delivery-count), and on 4.x
+        // the 20th drops the message. A classic queue has no delivery limit and returns
+        // a message to its place, so browsing never costs a parked message; nothing
+        // dead-letters from it (no TTL, no length limit, no delivery limit).
+        let mut parked_args = FieldTable::default();
+        parked_args.insert("x-queue-type".into(), long_string("classic"));
+        declare_queue(channel, &self.parked_queue(), parked_args).await?;
 
         for tier in 0..self.delay_tiers.len().max(1) {
             let name = self.delay_queue(tier);
@@ -178,8 +204,16 @@ impl Topology {
                     FieldTable::default(),
                 )
                 .await?;
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long_string("classic"));
+            // Quorum (replicated: a node loss does not lose what waits here), with
+            // at-least-once dead-lettering so an expiring message is only removed once
+            // the sync queue confirmed it; RabbitMQ (≥ 3.10, per-queue TTL on quorum
+            // queues since 3.10) requires reject-publish overflow for that strategy.
+            let mut args = quorum_args();
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            args.insert("x-overflow".into(), long_string("reject-publish"));
             args.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(

@@ -186,6 +186,57 @@ async fn a_deferred_message_comes_back_to_the_sync_queue_with_its_original_routi
     .await;
 }
 
+/// The arguments of a delay tier's queue, with `queue_type` and `strategy`.
+fn delay_args(topology: &Topology, tier: usize, queue_type: &str, strategy: &str) -> FieldTable {
+    let text = |s: &str| AMQPValue::LongString(s.into());
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), text(queue_type));
+    args.insert("x-dead-letter-strategy".into(), text(strategy));
+    args.insert("x-overflow".into(), text("reject-publish"));
+    let ttl = i64::try_from(topology.tier_delay(tier).as_millis()).unwrap();
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl));
+    args.insert("x-dead-letter-exchange".into(), text(&topology.exchange()));
+    args
+}
+
+#[tokio::test]
+async fn delay_queues_are_quorum_queues_that_dead_letter_at_least_once() {
+    with_broker(test_topology(), |broker| async move {
+        let topology = broker.topology().clone();
+        let durable = lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for tier in 0..topology.delay_tiers.len() {
+            let name = topology.delay_queue(tier);
+            // RabbitMQ refuses a redeclare with inequivalent arguments, so an accepted one
+            // names the queue's arguments.
+            let channel = broker.channel().await.unwrap();
+            channel
+                .queue_declare(
+                    name.as_str().into(),
+                    durable,
+                    delay_args(&topology, tier, "quorum", "at-least-once"),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{name} is not a quorum at-least-once queue: {e}"));
+            for (queue_type, strategy) in [("classic", "at-least-once"), ("quorum", "at-most-once")]
+            {
+                let channel = broker.channel().await.unwrap();
+                let refused = channel
+                    .queue_declare(
+                        name.as_str().into(),
+                        durable,
+                        delay_args(&topology, tier, queue_type, strategy),
+                    )
+                    .await;
+                assert!(refused.is_err(), "{name} is also {queue_type}/{strategy}");
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn dead_letter_and_park_carry_the_failure_in_headers() {
     with_broker(test_topology(), |broker| async move {
@@ -240,6 +291,56 @@ async fn dead_letter_and_park_carry_the_failure_in_headers() {
         // Parking replaces the dead-letter marker: it describes the current state only.
         assert!(header(&parked, DEAD_LETTERED_AT_HEADER).is_none());
     })
+    .await;
+}
+
+/// Issue 14, item 1: the dead queue has an explicit delivery limit and target, so a dead
+/// letter that keeps crashing the replayer is parked, never dropped (RabbitMQ 4.x drops a
+/// quorum queue's message past its default limit when there is no target).
+#[tokio::test]
+async fn a_dead_letter_past_the_delivery_limit_is_parked_by_rabbitmq() {
+    with_broker(
+        test_topology().with_delivery_limit(2),
+        |broker| async move {
+            let publisher = broker.publisher().await.unwrap();
+            let topology = broker.topology().clone();
+            publisher
+                .publish_raw(
+                    &topology.dlx(),
+                    "request.T0WS7",
+                    b"{}",
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap();
+            let channel = broker.channel().await.unwrap();
+            let until = Instant::now() + WAIT;
+            while Instant::now() < until {
+                match channel
+                    .basic_get(topology.dead_queue().into(), Default::default())
+                    .await
+                    .unwrap()
+                {
+                    Some(message) => {
+                        message
+                            .delivery
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                ..Default::default()
+                            })
+                            .await
+                            .unwrap();
+                    }
+                    None if depth(&channel, &topology.parked_queue()).await == 1 => break,
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            let parked = take(&channel, &topology.parked_queue(), WAIT)
+                .await
+                .expect("RabbitMQ parked the crash-looping dead letter");
+            assert_eq!(parked.delivery.data, b"{}");
+        },
+    )
     .await;
 }
 

@@ -13,7 +13,13 @@ fn at(secs: i64) -> DateTime<Utc> {
         .expect("valid timestamp")
 }
 
+/// `at(secs)` plus `millis` milliseconds.
+fn at_ms(secs: i64, millis: i64) -> DateTime<Utc> {
+    at(secs) + chrono::Duration::milliseconds(millis)
+}
+
 /// The blueprint's example event, every field filled: the golden mapping test pins it.
+/// Some times carry milliseconds, as Thena sends them.
 pub fn full_event() -> RequestChanged {
     RequestChanged {
         schema: SCHEMA_V1.to_string(),
@@ -42,7 +48,7 @@ pub fn full_event() -> RequestChanged {
                 ThreadMessage {
                     author: "Jane Doe".into(),
                     text: "Looking into it now.".into(),
-                    ts: at(120),
+                    ts: at_ms(120, 250),
                 },
             ],
             internal_thread: vec![ThreadMessage {
@@ -54,7 +60,7 @@ pub fn full_event() -> RequestChanged {
             internal_notification_link: Some("https://acme.slack.com/archives/C9/p2".into()),
             web_link: Some("https://app.thena.ai/requests/135".into()),
             created_at: at(0),
-            updated_at: at(600),
+            updated_at: at_ms(600, 125),
             closed_at: Some(at(600)),
             closed_by: Some("Jane Doe".into()),
             requestor: Requestor {

@@ -12,6 +12,8 @@ use tokio::time::Instant;
 /// {"type": "next_n", "path_prefix": "/resources/users", "count": 1, "kind": {"latency_ms": 250}}
 /// {"type": "next_n", "count": 1, "kind": "drop"}
 /// {"type": "outage", "duration_ms": 500, "status": 503}
+/// {"type": "search_lag", "lag_ms": 1500}
+/// {"type": "every_nth", "method": "POST", "path_prefix": "/resources/customObjects/co-1/instances", "nth": 10, "kind": {"answer_late_ms": 3000}}
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -26,6 +28,22 @@ pub enum Fault {
         path_prefix: String,
         count: u32,
         kind: FaultKind,
+    },
+    /// Every `nth` matching call (the nth, 2nth, …; matched like `NextN`) suffers
+    /// `kind`, until cleared: "10 % of creates" is `nth: 10`.
+    EveryNth {
+        #[serde(default)]
+        method: Option<String>,
+        #[serde(default)]
+        path_prefix: String,
+        nth: u32,
+        kind: FaultKind,
+    },
+    /// Search lags writes: an instance stays invisible to instance search for
+    /// `lag` after it was created, until cleared.
+    SearchLag {
+        #[serde(rename = "lag_ms", with = "millis")]
+        lag: Duration,
     },
     /// Every `/resources` call fails with `status` until `duration` after injection.
     Outage {
@@ -46,6 +64,10 @@ pub enum FaultKind {
     Latency(Duration),
     /// Cut the connection without sending a response.
     Drop,
+    /// Apply the call, then answer this much later (past a client's timeout, the
+    /// write happened but its answer is lost).
+    #[serde(rename = "answer_late_ms", with = "millis")]
+    AnswerLate(Duration),
 }
 
 /// Durations as whole milliseconds in JSON.
@@ -71,8 +93,12 @@ impl Fault {
                 kind: FaultKind::Status(status),
                 ..
             }
+            | Self::EveryNth {
+                kind: FaultKind::Status(status),
+                ..
+            }
             | Self::Outage { status, .. } => Some(*status),
-            Self::NextN { .. } => None,
+            Self::NextN { .. } | Self::EveryNth { .. } | Self::SearchLag { .. } => None,
         }
     }
 }
@@ -83,6 +109,23 @@ pub(crate) enum Action {
     Status(u16),
     Latency(Duration),
     Drop,
+    AnswerLate(Duration),
+}
+
+impl From<&FaultKind> for Action {
+    fn from(kind: &FaultKind) -> Self {
+        match kind {
+            FaultKind::Status(status) => Action::Status(*status),
+            FaultKind::Latency(delay) => Action::Latency(*delay),
+            FaultKind::Drop => Action::Drop,
+            FaultKind::AnswerLate(delay) => Action::AnswerLate(*delay),
+        }
+    }
+}
+
+/// `method` (any when `None`, case-insensitive) and `path_prefix` (any when empty) match.
+fn matches(wanted: Option<&str>, path_prefix: &str, method: &str, path: &str) -> bool {
+    wanted.is_none_or(|m| m.eq_ignore_ascii_case(method)) && path.starts_with(path_prefix)
 }
 
 #[derive(Debug)]
@@ -93,6 +136,14 @@ enum Armed {
         remaining: u32,
         kind: FaultKind,
     },
+    EveryNth {
+        method: Option<String>,
+        path_prefix: String,
+        nth: u32,
+        seen: u32,
+        kind: FaultKind,
+    },
+    SearchLag(Duration),
     Outage {
         until: Instant,
         status: u16,
@@ -118,6 +169,19 @@ impl Faults {
                 remaining: count,
                 kind,
             },
+            Fault::EveryNth {
+                method,
+                path_prefix,
+                nth,
+                kind,
+            } => Armed::EveryNth {
+                method,
+                path_prefix,
+                nth: nth.max(1),
+                seen: 0,
+                kind,
+            },
+            Fault::SearchLag { lag } => Armed::SearchLag(lag),
             Fault::Outage { duration, status } => Armed::Outage {
                 until: now + duration,
                 status,
@@ -129,16 +193,28 @@ impl Faults {
         self.armed.clear();
     }
 
+    /// How long a new instance stays invisible to search (the longest armed lag).
+    pub(crate) fn search_lag(&self) -> Option<std::time::Duration> {
+        self.armed
+            .iter()
+            .filter_map(|armed| match armed {
+                Armed::SearchLag(lag) => Some(*lag),
+                Armed::NextN { .. } | Armed::EveryNth { .. } | Armed::Outage { .. } => None,
+            })
+            .max()
+    }
+
     /// The fault, if any, that applies to this call; consumes one use of it. An
     /// outage wins over per-call faults.
     pub(crate) fn take(&mut self, method: &str, path: &str, now: Instant) -> Option<Action> {
         self.armed.retain(|armed| match armed {
             Armed::NextN { remaining, .. } => *remaining > 0,
+            Armed::EveryNth { .. } | Armed::SearchLag(_) => true,
             Armed::Outage { until, .. } => now < *until,
         });
         let outage = self.armed.iter().find_map(|armed| match armed {
             Armed::Outage { status, .. } => Some(Action::Status(*status)),
-            Armed::NextN { .. } => None,
+            Armed::NextN { .. } | Armed::EveryNth { .. } | Armed::SearchLag(_) => None,
         });
         if outage.is_some() {
             return outage;
@@ -149,17 +225,19 @@ impl Faults {
                 path_prefix,
                 remaining,
                 kind,
-            } if wanted
-                .as_deref()
-                .is_none_or(|m| m.eq_ignore_ascii_case(method))
-                && path.starts_with(path_prefix.as_str()) =>
-            {
+            } if matches(wanted.as_deref(), path_prefix, method, path) => {
                 *remaining -= 1;
-                Some(match kind {
-                    FaultKind::Status(status) => Action::Status(*status),
-                    FaultKind::Latency(delay) => Action::Latency(*delay),
-                    FaultKind::Drop => Action::Drop,
-                })
+                Some(Action::from(&*kind))
+            }
+            Armed::EveryNth {
+                method: wanted,
+                path_prefix,
+                nth,
+                seen,
+                kind,
+            } if matches(wanted.as_deref(), path_prefix, method, path) => {
+                *seen += 1;
+                (*seen % *nth == 0).then(|| Action::from(&*kind))
             }
             _ => None,
         })
@@ -268,5 +346,28 @@ mod tests {
             faults.take("GET", "/resources/accounts", now + Duration::from_secs(1)),
             None
         );
+    }
+
+    #[test]
+    fn an_every_nth_fault_hits_every_nth_matching_call_and_parses() {
+        let fault: Fault = serde_json::from_value(json!({
+            "type": "every_nth", "method": "POST", "path_prefix": "/resources/customObjects/c/instances",
+            "nth": 3, "kind": {"answer_late_ms": 1500}
+        }))
+        .expect("parses");
+        let now = Instant::now();
+        let mut faults = Faults::default();
+        faults.inject(fault, now);
+        let path = "/resources/customObjects/c/instances";
+        let hits: Vec<Option<Action>> = (0..6).map(|_| faults.take("POST", path, now)).collect();
+        let late = Some(Action::AnswerLate(Duration::from_millis(1500)));
+        assert_eq!(hits, vec![None, None, late, None, None, late]);
+        assert_eq!(faults.take("PUT", path, now), None);
+        let lag: Fault =
+            serde_json::from_value(json!({"type": "search_lag", "lag_ms": 200})).expect("lag");
+        faults.inject(lag, now);
+        assert_eq!(faults.search_lag(), Some(Duration::from_millis(200)));
+        faults.clear();
+        assert_eq!(faults.search_lag(), None);
     }
 }

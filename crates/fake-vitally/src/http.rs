@@ -75,7 +75,7 @@ pub(crate) fn router(fake: FakeVitally) -> Router {
         )
         .route(
             "/resources/customObjects/{id}/instances/{instance_id}",
-            put(update_instance),
+            put(update_instance).delete(delete_instance),
         )
         .fallback(not_found)
         // Added after the fallback so unknown paths are authenticated and counted too.
@@ -145,6 +145,12 @@ async fn admit(
         Some(Action::Latency(delay)) => {
             tokio::time::sleep(delay).await;
             next.run(req).await
+        }
+        Some(Action::AnswerLate(delay)) => {
+            // Applied now; a client that gave up before `delay` never sees the answer.
+            let response = next.run(req).await;
+            tokio::time::sleep(delay).await;
+            response
         }
         Some(Action::Status(429)) => {
             // As if the window were full, but freeing soon, so a client that honours
@@ -414,7 +420,13 @@ async fn search_instances(
         ("customerId", value) => InstanceQuery::CustomerId(value),
         (_, value) => InstanceQuery::OrganizationId(value),
     };
-    let results = fake.store().search_instances(&object_id, query)?;
+    // Search lags writes: instances younger than the lag are not found yet.
+    let lag = fake.faults().search_lag();
+    let visible_before = lag.map(|lag| now() - chrono::Duration::from_std(lag).unwrap_or_default());
+    let mut results = fake.store().search_instances(&object_id, query)?;
+    if let Some(cutoff) = visible_before {
+        results.retain(|i| i.created_at <= cutoff);
+    }
     Ok(Json(Page {
         results,
         next: None,
@@ -443,5 +455,14 @@ async fn update_instance(
 ) -> ApiResult<Instance> {
     fake.store()
         .update_instance(&object_id, &instance_id, patch, now())
+        .map(Json)
+}
+
+async fn delete_instance(
+    State(fake): State<FakeVitally>,
+    Path((object_id, instance_id)): Path<(String, String)>,
+) -> ApiResult<Instance> {
+    fake.store()
+        .delete_instance(&object_id, &instance_id)
         .map(Json)
 }

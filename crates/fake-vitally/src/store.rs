@@ -1,8 +1,8 @@
 //! The in-memory data and every rule the API enforces on it. Synchronous and free of
 //! HTTP, so the handlers and fixture seeding share one set of rules.
 //!
-//! Tables are append-only vectors (the API has no deletes), so a record's index is
-//! its creation order, which pagination relies on.
+//! Tables are vectors in creation order (only instances and custom objects are ever
+//! removed), so a record's index order is its creation order, which pagination relies on.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
@@ -760,6 +760,21 @@ impl Store {
             .filter(|i| i.custom_object_id == object_id && matches(i))
             .cloned()
             .collect())
+    }
+
+    /// `DELETE …/instances/:id`: the instance is gone (404 if there was none).
+    pub(crate) fn delete_instance(
+        &mut self,
+        object_id: &str,
+        instance_id: &str,
+    ) -> Result<Instance, ApiError> {
+        self.custom_object_index(object_id)?;
+        let index = self
+            .instances
+            .iter()
+            .position(|i| i.id == instance_id && i.custom_object_id == object_id)
+            .ok_or(ApiError::NotFound)?;
+        Ok(self.instances.remove(index))
     }
 
     pub(crate) fn update_instance(

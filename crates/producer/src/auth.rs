@@ -12,14 +12,19 @@ use subtle::ConstantTimeEq;
 
 use crate::{app::AppState, error::ApiError};
 
+/// RFC 6750 §3: the challenge of a request without a token.
 const CHALLENGE: &str = "Bearer realm=\"thena-vitally\"";
+/// RFC 6750 §3.1: the challenge of a token that is not valid.
+const INVALID_TOKEN: &str = "Bearer realm=\"thena-vitally\", error=\"invalid_token\"";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Credentials {
     Valid,
     /// No `Authorization: Bearer <token>` at all: 401 with a challenge.
     Missing,
-    /// A bearer token that is not ours: 403.
+    /// A bearer token that is not ours: 401 with `error="invalid_token"` (RFC 6750). The
+    /// producer has one token with every right, so a valid token never lacks a scope and
+    /// there is no 403.
     Wrong,
 }
 
@@ -56,17 +61,18 @@ pub(crate) async fn require_token(
         &state.config().token,
     ) {
         Credentials::Valid => next.run(request).await,
-        Credentials::Missing => {
-            let mut response =
-                ApiError::new(StatusCode::UNAUTHORIZED, "missing bearer token").into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(CHALLENGE),
-            );
-            response
-        }
-        Credentials::Wrong => ApiError::new(StatusCode::FORBIDDEN, "invalid token").into_response(),
+        Credentials::Missing => unauthorized("missing bearer token", CHALLENGE),
+        Credentials::Wrong => unauthorized("invalid token", INVALID_TOKEN),
     }
+}
+
+fn unauthorized(message: &str, challenge: &'static str) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    response
 }
 
 #[cfg(test)]

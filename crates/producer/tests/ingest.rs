@@ -344,7 +344,7 @@ async fn forward(listener: TcpListener, upstream: SocketAddr, stop: Cancellation
 }
 
 #[tokio::test]
-async fn a_request_without_a_token_gets_401_and_a_wrong_token_gets_403() {
+async fn a_missing_or_wrong_token_gets_401_with_an_rfc_6750_challenge() {
     let app = start(Options::default()).await;
     let body = event_json("T1", 1);
     for path in ["/v1/events", "/v1/integrations"] {
@@ -369,8 +369,15 @@ async fn a_request_without_a_token_gets_401_and_a_wrong_token_gets_403() {
             .send()
             .await
             .unwrap();
+        let challenge = response.headers().get("www-authenticate").cloned();
         let (status, error, _) = answer(response).await;
-        assert_eq!(status, 403, "{path}");
+        // RFC 6750 §3.1: a token that is not valid is a 401 naming `invalid_token`; 403
+        // is for a valid token without the scope, which one token cannot lack.
+        assert_eq!(status, 401, "{path}");
+        assert_eq!(
+            challenge.expect("a challenge"),
+            "Bearer realm=\"thena-vitally\", error=\"invalid_token\""
+        );
         assert_eq!(error["error"], "invalid token");
     }
     let response = app
@@ -1045,7 +1052,7 @@ async fn emitted_lifecycles_pass_the_api_and_land_on_the_queue() {
     );
 
     let wrong = emit::emit_http(&app.base, &SecretString::from("nope"), &events[..1], 0, 1).await;
-    assert!(matches!(wrong, Err(emit::EmitError::Unauthorized(403))));
+    assert!(matches!(wrong, Err(emit::EmitError::Unauthorized(401))));
 
     // Straight onto the broker, paced: 10 events at 200/s take at least 45 ms.
     let publisher = app.inspector.publisher().await.unwrap();

@@ -357,6 +357,7 @@ async fn refresh_depths(
     metrics
         .parked_oldest_age_seconds
         .set(oldest_parked_age(channel, &topology.parked_queue()).await?);
+    metrics.depth_polls.inc();
     Ok(())
 }
 
@@ -374,8 +375,9 @@ pub(crate) async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, l
     Ok(declared.message_count())
 }
 
-/// Peeks at the head of the parked queue (the oldest parked message) and puts it back:
-/// a quorum queue returns it to the head, and the parked queue has no delivery limit.
+/// Peeks at the head of the parked queue (the oldest parked message) and puts it back.
+/// The parked queue is a classic queue: the message returns to its place and the peek is
+/// not counted as a delivery (no `x-delivery-count`, no delivery limit to reach).
 async fn oldest_parked_age(channel: &Channel, queue: &str) -> Result<f64, lapin::Error> {
     let Some(head) = channel
         .basic_get(queue.into(), BasicGetOptions::default())

@@ -321,3 +321,81 @@ async fn bad_filters_and_options_are_refused_before_touching_the_queue() {
     })
     .await;
 }
+
+/// `x-delivery-count` of `message` (RabbitMQ adds it on quorum queues), 0 without one.
+fn delivery_count(message: &lapin::message::BasicGetMessage) -> i64 {
+    match message
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count"))
+    {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(other) => panic!("unexpected x-delivery-count {other:?}"),
+        None => 0,
+    }
+}
+
+/// Issue 14, item 1: on RabbitMQ 4.x a quorum queue drops a message past 20 deliveries,
+/// and browsing counted as delivering. Browsing must never count.
+#[tokio::test]
+async fn a_parked_message_survives_200_list_scans_and_30_minutes_of_replayer_peeks() {
+    with_broker(test_topology(), |broker| async move {
+        let event = thena_events::sample::event("WP", 1, 1, None);
+        park(&broker, &event, "vitally_400").await;
+        for scan in 0..200 {
+            let listed = dlq::list(&broker, &DlqFilter::default(), Page::default())
+                .await
+                .unwrap_or_else(|e| panic!("scan {scan}: {e}"));
+            assert_eq!(listed.len(), 1, "scan {scan}");
+        }
+        dlq::show(&broker, &event.event_id.to_string())
+            .await
+            .expect("shown");
+
+        // The replayer peeks at the oldest parked message every 5 s: 360 peeks are 30
+        // minutes, compressed by polling every 2 ms.
+        let registry = prometheus::Registry::new();
+        let metrics = thena_replayer::ReplayerMetrics::register(&registry).unwrap();
+        let polls = metrics.broker.depth_polls.clone();
+        let config = thena_replayer::ReplayerConfig {
+            depth_poll_interval: Duration::from_millis(2),
+            ..thena_replayer::ReplayerConfig::new(thena_replayer::RetrySchedule::for_topology(
+                broker.topology(),
+            ))
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let replayer = tokio::spawn(thena_replayer::run_replayer_with(
+            broker.clone(),
+            config,
+            metrics,
+            shutdown.clone(),
+        ));
+        assert!(
+            eventually(Duration::from_secs(60), || async { polls.get() >= 360 }).await,
+            "only {} peeks",
+            polls.get()
+        );
+        shutdown.cancel();
+        replayer.await.unwrap().unwrap();
+
+        let channel = broker.channel().await.unwrap();
+        let parked = take(&channel, &broker.topology().parked_queue(), WAIT)
+            .await
+            .expect("the parked message is still there");
+        assert_eq!(
+            delivery_count(&parked),
+            0,
+            "browsing counted as delivering the parked message"
+        );
+        assert_eq!(
+            header(&parked, "x-thena-reason").as_deref(),
+            Some("vitally_400")
+        );
+    })
+    .await;
+}

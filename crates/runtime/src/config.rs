@@ -184,7 +184,7 @@ pub const VARIABLES: &[Var] = &[
     var(
         "TEXTAREA_LIMIT",
         "10000",
-        "Characters kept in a textarea trait before the '… (truncated)' marker",
+        "Characters kept in a textarea trait before the '… (truncated)' marker (a longer thread keeps its newest messages)",
     ),
     var(
         "FREE_MAIL_DOMAINS",

@@ -100,6 +100,15 @@ impl Cache {
         self.store(&key, value, ttl).await;
     }
 
+    /// The cached value of `kind`/`id` without asking anyone on a miss (`None`; a Redis
+    /// error counts as a miss).
+    pub async fn peek<T: DeserializeOwned>(&self, kind: &'static str, id: &str) -> Option<T> {
+        match self.lookup::<T>(kind, &self.key(kind, id)).await {
+            Lookup::Hit(value) => value,
+            Lookup::Miss => None,
+        }
+    }
+
     pub async fn invalidate(&self, kind: &'static str, id: &str) {
         let key = self.key(kind, id);
         let result: redis::RedisResult<()> = self.redis.clone().del(&key).await;

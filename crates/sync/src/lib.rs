@@ -3,6 +3,7 @@
 //!
 //! - [`linking`] and [`policy`]: the product doc's rules as pure functions.
 //! - [`cache`] and [`guard`]: fleet-wide Redis state (lookups, per-request locks, versions).
+//! - [`instances`]: which instance of a request is the one (pure).
 //! - [`pipeline`]: one event → one [`outcome::Outcome`].
 //! - [`worker`]: deliveries in, acks and hand-offs out.
 
@@ -11,6 +12,7 @@ pub mod cache;
 pub mod explain;
 pub mod guard;
 pub mod health;
+pub mod instances;
 pub mod linking;
 pub mod metrics;
 pub mod outcome;

@@ -19,6 +19,8 @@ pub struct SyncMetrics {
     pub undecryptable: IntGauge,
     /// Returning messages resolved to a newer snapshot of their request.
     pub coalesced: IntCounter,
+    /// Duplicate instances (same externalId) deleted, keeping the oldest.
+    pub duplicates_removed: IntCounterVec,
 }
 
 impl SyncMetrics {
@@ -33,6 +35,7 @@ impl SyncMetrics {
         registry.register(Box::new(metrics.integration_paused.clone()))?;
         registry.register(Box::new(metrics.undecryptable.clone()))?;
         registry.register(Box::new(metrics.coalesced.clone()))?;
+        registry.register(Box::new(metrics.duplicates_removed.clone()))?;
         Ok(metrics)
     }
 
@@ -80,6 +83,13 @@ impl SyncMetrics {
             undecryptable: IntGauge::new(
                 "thena_vitally_integrations_undecryptable",
                 "Integrations whose Vitally header this replica cannot decrypt (INTEGRATIONS_KEYS differs)",
+            )?,
+            duplicates_removed: IntCounterVec::new(
+                Opts::new(
+                    "thena_vitally_instance_duplicates_removed_total",
+                    "Duplicate instances of one request deleted from Vitally (the oldest is kept)",
+                ),
+                &["workspace"],
             )?,
         })
     }

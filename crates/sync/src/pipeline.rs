@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use thena_events::{RequestChanged, decode_event};
 use thena_runtime::ops::Readiness;
@@ -27,6 +27,7 @@ use vitally_client::{
 use crate::{
     cache::{Cache, Ttl},
     guard::{LockError, RequestGuards, VersionError},
+    instances::{AfterLostCreate, after_lost_create, choose, create_answer_lost},
     linking::{
         DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
         link_user, table_row,
@@ -38,6 +39,12 @@ use crate::{
 
 /// How long a call may wait for budget once its event already made a call.
 const IN_EVENT_WAIT: Duration = Duration::from_secs(5);
+
+/// Redis mark (cache kind) of a request whose last create's answer was lost.
+const UNCONFIRMED: &str = "instance_unconfirmed";
+
+/// A lost create is given this many client timeouts to become searchable.
+const CREATE_SETTLE_TIMEOUTS: u32 = 3;
 
 /// Knobs of the pipeline (from the shared configuration).
 #[derive(Debug, Clone)]
@@ -698,6 +705,12 @@ impl Pipeline {
     }
 
     /// Finds the instance by externalId (cached id), then updates or creates it.
+    ///
+    /// One instance per request even when Vitally is slow: a create whose answer was lost
+    /// (it may have been applied) marks the request in Redis; while marked, Vitally's
+    /// search (never the cache) decides, and an empty search does not create until the
+    /// lost create had time to surface (see [`crate::instances`]). Any search that finds
+    /// several instances keeps the oldest and deletes the others.
     async fn upsert(
         &self,
         session: &Session<'_>,
@@ -713,15 +726,41 @@ impl Pipeline {
             // Never cache "no instance": another consumer may create it any moment.
             not_found: None,
         };
-        let cached = self
-            .cache
-            .get_or_fetch("instance", &cache_id, ttl, || async {
-                let found = session
-                    .object_call(session.client.find_instance(object, &body.external_id))
-                    .await?;
-                Ok::<_, StepError>(found.map(|instance| instance.id))
-            })
-            .await?;
+        let lost_at: Option<DateTime<Utc>> = self.cache.peek(UNCONFIRMED, &cache_id).await;
+        let cached = match lost_at {
+            None => {
+                self.cache
+                    .get_or_fetch("instance", &cache_id, ttl, || {
+                        self.search_instance(session, integration, body)
+                    })
+                    .await?
+            }
+            Some(lost_at) => {
+                let found = self.search_instance(session, integration, body).await?;
+                let age = (Utc::now() - lost_at).to_std().unwrap_or_default();
+                match after_lost_create(found.is_some(), age, self.create_settle()) {
+                    AfterLostCreate::Use { clear_mark } => {
+                        if clear_mark {
+                            self.cache.invalidate(UNCONFIRMED, &cache_id).await;
+                        }
+                        self.cache
+                            .put("instance", &cache_id, found.as_ref(), ttl)
+                            .await;
+                        found
+                    }
+                    AfterLostCreate::Wait => {
+                        return Ok(Outcome::Retry {
+                            reason: "create_unconfirmed".into(),
+                            error: format!(
+                                "a create's answer was lost {age:?} ago and its instance is not \
+                                 searchable yet; not creating another"
+                            ),
+                        });
+                    }
+                    AfterLostCreate::Create => None,
+                }
+            }
+        };
 
         if let Some(id) = cached {
             tracer.update(|t| t.instance_id = Some(id.clone()));
@@ -736,16 +775,13 @@ impl Pipeline {
                 Err(StepError::Vitally(e)) if e.is_not_found() => {
                     // Deleted in Vitally (or a stale cache): resolve again from the source.
                     self.cache.invalidate("instance", &cache_id).await;
-                    if let Some(found) = session
-                        .object_call(session.client.find_instance(object, &body.external_id))
-                        .await?
-                    {
-                        tracer.update(|t| t.instance_id = Some(found.id.clone()));
+                    if let Some(found) = self.search_instance(session, integration, body).await? {
+                        tracer.update(|t| t.instance_id = Some(found.clone()));
                         session
-                            .call(session.client.update_instance(object, &found.id, body))
+                            .call(session.client.update_instance(object, &found, body))
                             .await?;
                         self.cache
-                            .put("instance", &cache_id, Some(&found.id), ttl)
+                            .put("instance", &cache_id, Some(&found), ttl)
                             .await;
                         return Ok(Outcome::Synced { created: false });
                     }
@@ -753,14 +789,76 @@ impl Pipeline {
                 Err(other) => return Err(other),
             }
         }
-        let created = session
+        match session
             .object_call(session.client.create_instance(object, body))
+            .await
+        {
+            Ok(created) => {
+                tracer.update(|t| t.instance_id = Some(created.id.clone()));
+                self.cache
+                    .put("instance", &cache_id, Some(&created.id), ttl)
+                    .await;
+                Ok(Outcome::Synced { created: true })
+            }
+            Err(StepError::Vitally(error)) if create_answer_lost(&error) => {
+                let mark = Ttl {
+                    found: self.settings.instance_ttl,
+                    not_found: None,
+                };
+                self.cache
+                    .put(UNCONFIRMED, &cache_id, Some(&Utc::now()), mark)
+                    .await;
+                Err(StepError::Vitally(error))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// How long a create whose answer was lost may take to become searchable: a few
+    /// client timeouts (the write lands within one; search lags a little behind).
+    fn create_settle(&self) -> Duration {
+        self.http.timeout() * CREATE_SETTLE_TIMEOUTS
+    }
+
+    /// The id of the request's instance by a search in Vitally; of several, the oldest is
+    /// kept and the others are deleted (and counted).
+    async fn search_instance(
+        &self,
+        session: &Session<'_>,
+        integration: &Integration,
+        body: &InstanceBody,
+    ) -> Result<Option<String>, StepError> {
+        let object = integration.custom_object_id.as_str();
+        let found = session
+            .object_call(session.client.search_instances(object, &body.external_id))
             .await?;
-        tracer.update(|t| t.instance_id = Some(created.id.clone()));
-        self.cache
-            .put("instance", &cache_id, Some(&created.id), ttl)
-            .await;
-        Ok(Outcome::Synced { created: true })
+        let Some(chosen) = choose(&found) else {
+            return Ok(None);
+        };
+        for duplicate in &chosen.duplicates {
+            match session
+                .call(session.client.delete_instance(object, &duplicate.id))
+                .await
+            {
+                Ok(()) => {
+                    self.metrics
+                        .duplicates_removed
+                        .with_label_values(&[integration.workspace_id.as_str()])
+                        .inc();
+                    tracing::warn!(
+                        workspace = %integration.workspace_id,
+                        external_id = %body.external_id,
+                        kept = %chosen.keep.id,
+                        deleted = %duplicate.id,
+                        "deleted a duplicate instance (a create whose answer was lost)"
+                    );
+                }
+                // Another consumer removed it first.
+                Err(StepError::Vitally(e)) if e.is_not_found() => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(Some(chosen.keep.id.clone()))
     }
 
     /// The linking table, then the email-domain fallback.

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use chrono::{DateTime, Utc};
 use reqwest::{
     Method, Url,
     header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue},
@@ -41,6 +42,7 @@ const MAX_PAGES: usize = 1000;
 pub struct VitallyHttp {
     client: reqwest::Client,
     metrics: VitallyMetrics,
+    timeout: Duration,
 }
 
 impl fmt::Debug for VitallyHttp {
@@ -65,11 +67,21 @@ impl VitallyHttp {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("thena-vitally/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { client, metrics })
+        Ok(Self {
+            client,
+            metrics,
+            timeout,
+        })
     }
 
     pub fn metrics(&self) -> &VitallyMetrics {
         &self.metrics
+    }
+
+    /// The bound on one whole request: a write whose answer did not come within it may
+    /// still have been applied.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// A client for one integration. `base_url` is the API host such as
@@ -273,6 +285,9 @@ pub struct Instance {
     pub organization_id: Option<String>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub traits: Map<String, Value>,
+    /// When Vitally created it: the oldest of duplicates is the one kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 /// Body of an instance create or update. `traits` are keyed by field **path**; on update
@@ -446,6 +461,19 @@ impl VitallyClient {
         object_id: &str,
         external_id: &str,
     ) -> Result<Option<Instance>, VitallyError> {
+        Ok(self
+            .search_instances(object_id, external_id)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// Every instance carrying `external_id` (more than one only after a duplicate).
+    pub async fn search_instances(
+        &self,
+        object_id: &str,
+        external_id: &str,
+    ) -> Result<Vec<Instance>, VitallyError> {
         let bytes = self
             .call(
                 "instances.search",
@@ -456,7 +484,24 @@ impl VitallyClient {
             )
             .await?;
         let page: Page<Instance> = decode("instances.search", &bytes, &self.auth)?;
-        Ok(page.results.into_iter().next())
+        Ok(page.results)
+    }
+
+    /// `DELETE /resources/customObjects/:coId/instances/:id` (the answer body is not used).
+    pub async fn delete_instance(
+        &self,
+        object_id: &str,
+        instance_id: &str,
+    ) -> Result<(), VitallyError> {
+        self.call(
+            "instances.delete",
+            Method::DELETE,
+            &["customObjects", object_id, "instances", instance_id],
+            &[],
+            None,
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn create_instance(

@@ -60,7 +60,8 @@ pub struct Mapped {
 }
 
 /// Maps `event` onto the fields in `fields`. Every fixed trait present in the map is
-/// written (absent values as `null`, since the event is a full snapshot).
+/// written (absent values as `null`, since the event is a full snapshot), and so is every
+/// category field: a category absent from the snapshot is cleared with `null`.
 pub fn map_instance(event: &RequestChanged, fields: &FieldMap, opts: &MappingOptions) -> Mapped {
     let mut traits = Map::new();
     let mut missing_fixed = Vec::new();
@@ -90,6 +91,11 @@ pub fn map_instance(event: &RequestChanged, fields: &FieldMap, opts: &MappingOpt
             None => mistyped.push(category.clone()),
         }
     }
+    // The snapshot lists every category the request has: a category field it does not
+    // mention was removed from the request (or never set), so its old value is cleared.
+    for field in owned_category_fields(fields) {
+        traits.entry(field.path.clone()).or_insert(Value::Null);
+    }
 
     Mapped {
         name: format!("Thena Request ID: {}", event.request.id),
@@ -116,6 +122,18 @@ fn lookup<'a>(fields: &'a FieldMap, label: &str) -> Option<&'a FieldRef> {
 fn is_fixed_label(l: &str) -> bool {
     let lower = l.to_lowercase();
     FIXED_TRAITS.iter().any(|(f, _)| f.to_lowercase() == lower)
+}
+
+/// The object's fields that hold custom categories: every field that is not a fixed
+/// trait and can hold a category's text (the object is ours, and a category's field is
+/// labelled like the category; a number or datetime field never receives one).
+fn owned_category_fields(fields: &FieldMap) -> impl Iterator<Item = &FieldRef> {
+    fields
+        .iter()
+        .filter(|(l, f)| {
+            !is_fixed_label(l) && matches!(f.field_type, FieldType::String | FieldType::Textarea)
+        })
+        .map(|(_, f)| f)
 }
 
 /// Pairs each custom category with its field; exact labels win over case-insensitive
@@ -165,12 +183,8 @@ fn fixed_value(event: &RequestChanged, fixed_label: &str, opts: &MappingOptions)
         label::AI_TAGS => opt_string((!r.ai_tags.is_empty()).then(|| r.ai_tags.join(", "))),
         label::ASSIGNED_TO => plain(&r.assigned_to),
         label::CSAT => text(&r.csat),
-        label::CUSTOMER_THREAD => {
-            opt_string(render_thread(&r.customer_thread).map(|t| truncate(&t, limit)))
-        }
-        label::INTERNAL_THREAD => {
-            opt_string(render_thread(&r.internal_thread).map(|t| truncate(&t, limit)))
-        }
+        label::CUSTOMER_THREAD => opt_string(render_thread_within(&r.customer_thread, limit)),
+        label::INTERNAL_THREAD => opt_string(render_thread_within(&r.internal_thread, limit)),
         label::MESSAGE_TEXT => text(&r.message_text),
         label::PERMALINK => plain(&r.permalink),
         label::CLOSED_AT => opt_string(r.closed_at.as_ref().map(datetime)),
@@ -211,8 +225,10 @@ fn coerce(value: Value, canonical: FieldType, target: FieldType) -> Option<Value
     }
 }
 
+/// RFC 3339 in UTC with the precision Thena sent: no fraction for whole seconds, else
+/// milliseconds, microseconds or nanoseconds as needed (never cut to seconds).
 fn datetime(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 /// "name <email>", or whichever of the two exists.
@@ -230,20 +246,69 @@ fn requestor(r: &thena_events::Requestor) -> Option<String> {
 /// One message per line, "author (ts): text", oldest first so the newest is last. Line
 /// breaks inside a message are indented so every unindented line starts a message.
 pub fn render_thread(messages: &[ThreadMessage]) -> Option<String> {
-    if messages.is_empty() {
-        return None;
-    }
+    let lines = thread_lines(messages);
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+fn thread_lines(messages: &[ThreadMessage]) -> Vec<String> {
     let mut sorted: Vec<&ThreadMessage> = messages.iter().collect();
     // Stable: messages with the same timestamp keep their order.
     sorted.sort_by_key(|m| m.ts);
-    let lines: Vec<String> = sorted
+    sorted
         .iter()
         .map(|m| {
             let text = m.text.replace("\r\n", "\n").replace('\n', "\n  ");
             format!("{} ({}): {}", m.author, datetime(&m.ts), text)
         })
-        .collect();
-    Some(lines.join("\n"))
+        .collect()
+}
+
+/// The first line of a thread that lost its `n` oldest messages to the limit.
+pub fn earlier_marker(n: usize) -> String {
+    if n == 1 {
+        "… 1 earlier message".to_string()
+    } else {
+        format!("… {n} earlier messages")
+    }
+}
+
+/// The thread as `render_thread` shows it, within `limit` characters: when it is longer,
+/// the newest messages that fit are kept (a CSM needs the latest replies), after a first
+/// line `… N earlier messages`. If not even the newest message fits, it is cut at the
+/// limit with the truncation marker, so the result never exceeds `limit` + marker.
+pub fn render_thread_within(messages: &[ThreadMessage], limit: usize) -> Option<String> {
+    let lines = thread_lines(messages);
+    let full = lines.join("\n");
+    if lines.is_empty() || full.chars().count() <= limit {
+        return (!lines.is_empty()).then_some(full);
+    }
+    let total = lines.len();
+    // The most newest lines that fit after the marker (sizes in characters).
+    let mut kept_chars = 0;
+    let mut best = None;
+    for (k, line) in lines.iter().rev().enumerate() {
+        let kept = k + 1;
+        kept_chars += line.chars().count() + 1; // the line and the break before it
+        if kept < total && earlier_marker(total - kept).chars().count() + kept_chars <= limit {
+            best = Some(kept);
+        }
+    }
+    Some(match best {
+        Some(kept) => {
+            let mut out = earlier_marker(total - kept);
+            for line in &lines[total - kept..] {
+                out.push('\n');
+                out.push_str(line);
+            }
+            out
+        }
+        // A single message too long on its own: its beginning.
+        None if total == 1 => truncate(&lines[0], limit),
+        None => truncate(
+            &format!("{}\n{}", earlier_marker(total - 1), lines[total - 1]),
+            limit,
+        ),
+    })
 }
 
 /// Cuts `s` to at most `limit` characters (on a char boundary) and appends the marker

@@ -8,7 +8,10 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 use thena_events::{RequestChanged, ThreadMessage, sample};
 use vitally_client::{
-    mapping::{FieldMap, FieldRef, MappingOptions, TRUNCATION_MARKER, map_instance, truncate},
+    mapping::{
+        FieldMap, FieldRef, MappingOptions, TRUNCATION_MARKER, earlier_marker, map_instance,
+        render_thread, render_thread_within, truncate,
+    },
     traits::{FIXED_TRAITS, FieldType, label},
 };
 
@@ -108,12 +111,14 @@ fn a_full_event_fills_all_22_product_doc_traits_with_the_right_json_types() {
     assert_eq!(get(label::AI_TAGS), json!("billing, sso"));
     assert_eq!(get(label::REQUESTOR), json!("Harsh <harsh@thena.ai>"));
     assert_eq!(get(label::CREATED_AT), json!("2026-11-18T11:06:40Z"));
+    // The precision Thena sent, never cut to seconds.
+    assert_eq!(get(label::UPDATED_AT), json!("2026-11-18T11:16:40.125Z"));
     assert_eq!(get("Product"), json!("Request Management"));
     assert_eq!(
         get(label::CUSTOMER_THREAD),
         json!(
             "Harsh (2026-11-18T11:06:40Z): Hi team, our new hires cannot log in with SSO.\n\
-             Jane Doe (2026-11-18T11:08:40Z): Looking into it now."
+             Jane Doe (2026-11-18T11:08:40.250Z): Looking into it now."
         )
     );
 }
@@ -158,7 +163,7 @@ fn the_full_event_maps_to_the_golden_instance_body() {
 }
 
 #[test]
-fn a_long_thread_is_cut_at_the_limit_with_a_visible_marker() {
+fn a_long_thread_keeps_the_newest_messages_after_an_earlier_marker() {
     let mut event = sample::full_event();
     event.request.customer_thread = (0..200)
         .map(|i| msg("Harsh", &format!("message number {i} ✓ ünïcødé"), i))
@@ -172,17 +177,48 @@ fn a_long_thread_is_cut_at_the_limit_with_a_visible_marker() {
     let thread = mapped.traits[&path(&fields, label::CUSTOMER_THREAD)]
         .as_str()
         .expect("string");
-    assert!(thread.ends_with(TRUNCATION_MARKER), "no marker: {thread}");
-    assert_eq!(
-        thread.chars().count(),
-        500 + TRUNCATION_MARKER.chars().count()
+    let lines: Vec<&str> = thread.lines().collect();
+    let kept = lines.len() - 1;
+    assert_eq!(lines[0], earlier_marker(200 - kept), "{thread}");
+    assert!(kept >= 5, "only {kept} messages kept");
+    assert!(
+        thread.chars().count() <= 500,
+        "{} chars",
+        thread.chars().count()
     );
-    assert!(thread.starts_with("Harsh (2026-11-18T11:06:40Z): message number 0 ✓"));
+    // The newest message is last, and the kept ones are the newest, in order.
+    assert!(
+        lines[kept].starts_with("Harsh (2026-11-18T11:09:59Z): message number 199 ✓"),
+        "{thread}"
+    );
+    assert!(lines[1].contains(&format!("message number {} ", 200 - kept)));
     // Short textareas are left alone.
     let title = mapped.traits[&path(&fields, label::TITLE)]
         .as_str()
         .expect("string");
     assert_eq!(title, "SSO login fails for new users");
+}
+
+#[test]
+fn a_thread_within_the_limit_is_whole_and_one_huge_message_is_cut() {
+    let messages = vec![msg("Ann", "short", 0), msg("Bob", "also short", 1)];
+    assert_eq!(
+        render_thread_within(&messages, 10_000),
+        render_thread(&messages)
+    );
+    assert_eq!(render_thread_within(&[], 10), None);
+    assert_eq!(earlier_marker(1), "… 1 earlier message");
+
+    let huge = "x".repeat(1_000);
+    let one = render_thread_within(&[msg("Ann", &huge, 0)], 100).expect("a thread");
+    assert!(
+        one.starts_with("Ann (") && one.ends_with(TRUNCATION_MARKER),
+        "{one}"
+    );
+    let two =
+        render_thread_within(&[msg("Ann", "hi", 0), msg("Bob", &huge, 1)], 100).expect("a thread");
+    assert!(two.starts_with("… 1 earlier message\nBob ("), "{two}");
+    assert!(two.ends_with(TRUNCATION_MARKER));
 }
 
 #[test]
@@ -224,6 +260,25 @@ fn a_category_without_a_field_is_dropped_and_listed() {
         !mapped.traits.values().any(|v| v == "EMEA"),
         "dropped value written somewhere"
     );
+}
+
+#[test]
+fn a_category_field_the_snapshot_does_not_mention_is_cleared_with_null() {
+    let mut event = sample::full_event();
+    event.request.custom_fields.clear();
+    event
+        .request
+        .custom_fields
+        .insert("region".into(), "EMEA".into());
+    let mut fields = vitally_fields(&["Product", "Region", "Score"]);
+    // A number field can never hold a category: not ours to clear.
+    fields.get_mut("Score").expect("score").field_type = FieldType::Number;
+    let mapped = map_instance(&event, &fields, &MappingOptions::default());
+    assert_eq!(mapped.traits[&path(&fields, "Product")], Value::Null);
+    assert_eq!(mapped.traits[&path(&fields, "Region")], json!("EMEA"));
+    assert!(!mapped.traits.contains_key(&path(&fields, "Score")));
+    assert!(mapped.dropped_categories.is_empty());
+    assert_eq!(mapped.traits.len(), 22, "20 fixed + Product + Region");
 }
 
 #[test]

@@ -336,3 +336,76 @@ async fn a_deleted_object_pauses_the_integration_and_a_reconnect_recreates_it_an
     .await;
     fleet.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_integrations_cli_says_what_connect_did_and_what_set_changed() {
+    let fleet = Fleet::start().await;
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_thena-vitally"))
+            .args(args)
+            .envs(fleet.env.config_overrides())
+            .env("VITALLY_AUTH_HEADER", fleet.fake.auth_header())
+            .env("USER", "oncall")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+    let url = fleet.fake.base_url();
+    let (ok, connected) = run(&[
+        "integrations",
+        "connect",
+        "--workspace",
+        WS,
+        "--api-url",
+        &url,
+        "--category",
+        "Region",
+    ]);
+    assert!(ok, "{connected}");
+    assert!(
+        connected.contains(&format!(
+            "connected {WS}: created the \"Thena Requests\" object"
+        )),
+        "{connected}"
+    );
+    assert!(
+        connected.contains("trait(s) added:") && connected.contains("Region"),
+        "{connected}"
+    );
+    let (ok, again) = run(&[
+        "integrations",
+        "connect",
+        "--workspace",
+        WS,
+        "--api-url",
+        &url,
+    ]);
+    assert!(
+        ok && again.contains("adopted the existing object")
+            && again.contains("no trait was missing"),
+        "{again}"
+    );
+
+    let (ok, nothing) = run(&["integrations", "set", WS]);
+    assert!(ok && nothing.contains("nothing to change"), "{nothing}");
+    let (ok, changed) = run(&["integrations", "set", WS, "--update-requests", "false"]);
+    assert!(
+        ok && changed.contains("update_requests: true → false"),
+        "{changed}"
+    );
+    let (ok, same) = run(&["integrations", "set", WS, "--update-requests", "false"]);
+    assert!(ok && same.contains("nothing changed"), "{same}");
+
+    let (ok, history) = run(&["integrations", "history", WS]);
+    assert!(ok, "{history}");
+    for action in ["connected", "reconnected", "settings_changed"] {
+        assert!(history.contains(action), "{action} missing in {history}");
+    }
+    assert!(history.contains("cli:oncall"), "{history}");
+    assert!(!history.contains(&fleet.fake.auth_header()), "{history}");
+    let (ok, listed) = run(&["integrations", "list"]);
+    assert!(ok && listed.contains("\"health\": \"healthy\""), "{listed}");
+    fleet.stop().await;
+}

@@ -124,9 +124,16 @@ impl Publisher {
             let channel = slot.lock().await.take();
             if let Some(channel) = channel
                 && channel.status().connected()
-                && let Err(error) = channel.close(200, "publisher closed".into()).await
             {
-                tracing::debug!(%error, "closing a publisher channel failed");
+                // Bounded like the connection's close: shutdown must not hang on it.
+                let closing = channel.close(200, "publisher closed".into());
+                match tokio::time::timeout(std::time::Duration::from_secs(3), closing).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "closing a publisher channel failed")
+                    }
+                    Err(_) => tracing::warn!("the broker did not answer a channel close"),
+                }
             }
         }
     }

@@ -6,6 +6,7 @@
 //! condition with a deadline ([`wait_until`]), never a fixed sleep.
 
 pub mod proxy;
+pub mod target;
 
 use std::{future::Future, time::Duration};
 
@@ -107,8 +108,10 @@ impl TestEnv {
             ("HTTP_ADDR", "127.0.0.1:0".into()),
             ("SHUTDOWN_GRACE", "5s".into()),
             ("INTEGRATION_REFRESH", "200ms".into()),
-            // A killed consumer's locks free themselves within seconds, not a minute.
+            // A killed consumer's locks free themselves within seconds, not a minute;
+            // one event's work (3/4 of it) still holds the budget wait and one call.
             ("REQUEST_LOCK_TTL", "8s".into()),
+            ("VITALLY_TIMEOUT", "5s".into()),
         ]
     }
 

@@ -308,7 +308,7 @@ async fn end_to_end(rows: &mut Vec<Row>, baseline: f64) {
     let mut fleet = Fleet::start_with(
         unthrottled_fake(),
         &[
-            ("PRODUCER_TOKEN", "bench-token"),
+            ("PRODUCER_TOKEN", "bench-token-0000001"),
             ("CONSUMER_CONCURRENCY", "64"),
         ],
     )
@@ -324,7 +324,7 @@ async fn end_to_end(rows: &mut Vec<Row>, baseline: f64) {
     let producer = tokio::spawn(thena_producer::run(listener, state, stop.clone()));
     fleet.spawn_consumer().await;
     fleet.spawn_consumer().await;
-    let token = secrecy::SecretString::from("bench-token");
+    let token = secrecy::SecretString::from("bench-token-0000001");
 
     // Steady: 100 events/s for 10 s, one per request, spread over the workspaces.
     let steady: Vec<_> = (0..1_000u64)

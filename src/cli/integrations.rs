@@ -148,7 +148,7 @@ pub async fn run(config: Config, command: IntegrationsCommand) -> anyhow::Result
             let auth_header = std::env::var(&auth_header_env).with_context(|| {
                 format!("set {auth_header_env} to the Vitally Basic auth header")
             })?;
-            let http = VitallyHttp::new(config.vitally.timeout, VitallyMetrics::unregistered())?;
+            let http = VitallyHttp::from_settings(&config.vitally, VitallyMetrics::unregistered())?;
             let connected = provision::connect(
                 &http,
                 &store,

@@ -64,6 +64,10 @@ enum Command {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // `config` shows the values even when they are invalid, then says what is wrong.
+    if let Command::Config = cli.command {
+        return print_config(cli.config.as_deref());
+    }
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
         Command::Producer => {
@@ -134,27 +138,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Every variable with the value this role would run with and where it came from
-/// (defaults → `--config` file → environment). Secrets are never shown; URLs lose their
-/// password.
+/// Every variable with the value this role would run with, where it came from
+/// (defaults → `--config` file → environment) and the values it accepts. Secrets are
+/// never shown; URLs lose their password. Ends with what is invalid, if anything.
 fn print_config(file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use thena_runtime::config::{VARIABLES, shown_value};
     let explicit = Config::explicit_values(file)?;
-    for var in thena_runtime::config::VARIABLES {
-        let shown = match (explicit.get(var.name), var.secret) {
-            (Some((_, source)), true) => format!("<set, redacted> ({source})"),
-            (Some((value, source)), false) => {
-                format!("{} ({source})", thena_runtime::config::redact_url(value))
-            }
-            (None, _) => var.default.map_or("<unset>".to_string(), |d| {
-                format!("{} (default)", thena_runtime::config::redact_url(d))
-            }),
+    for var in VARIABLES {
+        let shown = match (explicit.get(var.name), var.default) {
+            (Some((value, source)), _) => format!("{} ({source})", shown_value(var, value)),
+            (None, Some(default)) => format!("{} (default)", shown_value(var, default)),
+            (None, None) => "<unset>".to_string(),
         };
-        println!("{:<24} {shown}\n{:<24} {}\n", var.name, "", var.help);
+        println!(
+            "{:<24} {shown}\n{:<24} {}\n{:<24} allowed: {}\n",
+            var.name,
+            "",
+            var.help,
+            "",
+            var.rule.describe()
+        );
     }
     println!(
         "/readyz checks: producer — broker, postgres; consumer — broker, redis, postgres, \
          integrations_key; replayer — broker."
     );
+    Config::load(file)?;
+    println!("The configuration is valid.");
     Ok(())
 }
 

@@ -214,8 +214,8 @@ async fn explain(
     let Some(integration) = store.get(workspace).await? else {
         anyhow::bail!("workspace {workspace} is not connected");
     };
-    let http = vitally_client::client::VitallyHttp::new(
-        config.vitally.timeout,
+    let http = vitally_client::client::VitallyHttp::from_settings(
+        &config.vitally,
         vitally_client::metrics::VitallyMetrics::unregistered(),
     )?;
     let options = vitally_client::mapping::MappingOptions {

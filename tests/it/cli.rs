@@ -274,7 +274,7 @@ fn redirected_logs_have_no_colour_codes_and_errors_name_each_cause_once() {
         &env,
         &["producer"],
         &[
-            ("PRODUCER_TOKEN", "cli-test-token"),
+            ("PRODUCER_TOKEN", "cli-test-token-0001"),
             ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
         ],
     );
@@ -490,5 +490,52 @@ async fn dlq_list_shows_what_waits_in_the_delay_queues_and_refuses_to_replay_the
     assert_eq!(env.queue_depth(&delay_queue).await.unwrap(), 1);
     let _ = channel.close(200, "done".into()).await;
     broker.close().await;
+    env.cleanup().await;
+}
+
+/// `integrations connect` refuses what the admin API refuses, before any connection:
+/// a local listener counts none, until its origin is listed explicitly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrations_connect_refuses_ssrf_forms_without_connecting_until_the_origin_is_listed() {
+    let env = TestEnv::new();
+    let target = thena_testkit::target::TcpTarget::http("200 OK", "{}")
+        .await
+        .unwrap();
+    let port = target.port();
+    let auth = ("VITALLY_AUTH_HEADER", "Basic c3NyZjo=");
+    let connect = |url: &str, extra: &[(&str, &str)]| {
+        let mut vars = vec![auth];
+        vars.extend_from_slice(extra);
+        let args = [
+            "integrations",
+            "connect",
+            "--workspace",
+            "T-SSRF",
+            "--api-url",
+            url,
+        ];
+        run(&env, &args, &vars)
+    };
+    for url in [
+        format!("http://127.1:{port}"),
+        format!("https://0x7f000001:{port}"),
+        format!("https://[::ffff:127.0.0.1]:{port}"),
+        format!("https://localhost:{port}"),
+        "http://169.254.169.254/latest/meta-data".to_owned(),
+    ] {
+        let out = connect(&url, &[]);
+        assert_eq!(out.status.code(), Some(1), "{url}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("error: invalid Vitally API URL"),
+            "{url}: {}",
+            stderr(&out)
+        );
+        assert_eq!(target.accepted(), 0, "{url} reached the listener");
+    }
+    // Listed by its exact origin it is called (and found not to be Vitally).
+    let origin = format!("http://127.0.0.1:{port}");
+    let out = connect(&origin, &[("VITALLY_ALLOWED_HOSTS", &origin)]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(target.accepted() >= 1, "{}", stderr(&out));
     env.cleanup().await;
 }

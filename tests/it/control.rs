@@ -151,6 +151,36 @@ async fn a_replica_that_cannot_decrypt_holds_the_events_and_fails_readyz() {
     fleet.stop().await;
 }
 
+/// Every call a consumer makes with a stored record passes the allow-list again: a
+/// record connected under a wider `VITALLY_ALLOWED_HOSTS` (or before there was one) is
+/// held on a replica that does not allow it, with no call to that host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_does_not_allow_a_stored_api_url_holds_its_events_and_calls_nothing() {
+    let mut fleet = Fleet::start().await;
+    fleet.connect(WS, |_| {}).await;
+    fleet.fake.reset_calls();
+    let mut narrow = fleet.config.clone();
+    narrow.vitally.allowed_hosts = thena_runtime::egress::AllowList::vitally();
+    fleet.spawn_consumer_with(&narrow, Readiness::new()).await;
+
+    fleet.publish(&versioned(WS, 735, 1)).await;
+    wait_until(
+        "held as api_url_refused",
+        Duration::from_secs(10),
+        || async { (fleet.count("held", Some("api_url_refused")) >= 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(fleet.fake.calls().total, 0, "{:?}", fleet.fake.calls());
+    assert_eq!(fleet.count("parked", None), 0);
+    assert_eq!(health(&fleet).await, Health::Healthy);
+
+    // A replica configured like the one that connected takes the held event.
+    fleet.take_consumer().stop().await;
+    fleet.spawn_consumer().await;
+    wait_all_at(&fleet, &[735], 1, Duration::from_secs(10)).await;
+    fleet.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_every_redis_key_under_load_loses_nothing_duplicates_nothing_and_keeps_integrations()
 {
@@ -219,7 +249,8 @@ async fn a_trait_created_in_vitally_after_connect_gets_values_without_a_reconnec
     wait_all_at(&fleet, &[740], 1, Duration::from_secs(10)).await;
 
     // The FAQ's remedy: the customer creates the trait in Vitally, same label.
-    let http = VitallyHttp::new(Duration::from_secs(5), VitallyMetrics::unregistered()).unwrap();
+    let http =
+        VitallyHttp::from_settings(&fleet.config.vitally, VitallyMetrics::unregistered()).unwrap();
     integration
         .client(&http)
         .add_fields(
@@ -344,6 +375,7 @@ async fn the_integrations_cli_says_what_connect_did_and_what_set_changed() {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_thena-vitally"))
             .args(args)
             .envs(fleet.env.config_overrides())
+            .env("VITALLY_ALLOWED_HOSTS", fleet.fake.base_url())
             .env("VITALLY_AUTH_HEADER", fleet.fake.auth_header())
             .env("USER", "oncall")
             .output()

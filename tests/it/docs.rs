@@ -1,9 +1,10 @@
-//! The README's configuration table is the binary's: every variable, with its default.
+//! The README's configuration table is the binary's: every variable, with its default
+//! and the range the binary enforces.
 
 use thena_runtime::config::VARIABLES;
 
 #[test]
-fn the_readme_lists_every_configuration_variable_with_its_default() {
+fn the_readme_lists_every_configuration_variable_with_its_default_and_range() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     for var in VARIABLES {
@@ -20,5 +21,11 @@ fn the_readme_lists_every_configuration_variable_with_its_default() {
                 var.name
             );
         }
+        let allowed = var.rule.describe();
+        assert!(
+            row.contains(&format!(" | {allowed} | ")),
+            "README.md shows another range for {} (the binary allows {allowed}): {row}",
+            var.name
+        );
     }
 }

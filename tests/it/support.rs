@@ -84,6 +84,8 @@ impl Fleet {
         fake.seed(serde_json::from_value(thena_demo::customers::fixture()).unwrap())
             .expect("seed");
         let mut pairs: Vec<(&str, String)> = env.config_overrides();
+        // The fake is plain http on loopback: allowed by its exact origin.
+        pairs.push(("VITALLY_ALLOWED_HOSTS", fake.base_url()));
         pairs.extend(overrides.iter().map(|(k, v)| (*k, v.to_string())));
         let borrowed: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let config = Config::defaults_with(&borrowed).expect("config");
@@ -135,8 +137,8 @@ impl Fleet {
             established_at: None,
         };
         tweak(&mut request);
-        let http =
-            VitallyHttp::new(Duration::from_secs(5), VitallyMetrics::unregistered()).unwrap();
+        let http = VitallyHttp::from_settings(&self.config.vitally, VitallyMetrics::unregistered())
+            .unwrap();
         provision::connect(&http, &self.store, request, "test")
             .await
             .expect("connect")

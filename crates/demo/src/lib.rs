@@ -88,12 +88,19 @@ async fn run_in(
     shutdown: &CancellationToken,
     started: tokio::time::Instant,
 ) -> anyhow::Result<DemoReport> {
-    let config = config.clone();
+    let mut config = config.clone();
     let shutdown = shutdown.clone();
 
     let fake = FakeVitally::spawn(FakeConfig::default()).await?;
     fake.seed(serde_json::from_value(customers::fixture())?)
         .map_err(|e| anyhow::anyhow!("seeding the fake Vitally: {e}"))?;
+    // The fake is plain http on loopback: allowed by its exact origin, for this run only.
+    config.vitally.allowed_hosts = config
+        .vitally
+        .allowed_hosts
+        .clone()
+        .with(&fake.base_url())
+        .map_err(|e| anyhow::anyhow!("allowing the fake Vitally: {e}"))?;
 
     let mut endpoints = Vec::new();
     let mut registries = Vec::new();

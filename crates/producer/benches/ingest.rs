@@ -16,7 +16,7 @@ use secrecy::SecretString;
 use thena_broker::{Broker, PublisherOptions, Topology};
 use thena_events::RequestChanged;
 use thena_producer::{AppDeps, AppState, IngestMetrics, ProducerConfig, emit};
-use thena_runtime::ops::Readiness;
+use thena_runtime::{egress::AllowList, ops::Readiness};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use vitally_client::{
@@ -70,7 +70,11 @@ async fn main() -> anyhow::Result<()> {
                 broker: broker.clone(),
                 publisher,
                 integrations: integrations.clone(),
-                vitally: VitallyHttp::new(Duration::from_secs(5), VitallyMetrics::unregistered())?,
+                vitally: VitallyHttp::new(
+                    Duration::from_secs(5),
+                    AllowList::vitally(),
+                    VitallyMetrics::unregistered(),
+                )?,
                 readiness: Readiness::new(),
             },
             IngestMetrics::unregistered(),

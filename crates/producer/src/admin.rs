@@ -382,8 +382,7 @@ mod tests {
         );
         assert_eq!(
             status(ConnectError::Unreachable {
-                url: "http://x".into(),
-                reason: "refused".into()
+                detail: "refused".into()
             }),
             StatusCode::BAD_GATEWAY
         );

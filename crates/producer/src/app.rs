@@ -123,8 +123,8 @@ pub async fn from_config(
         })
         .await?;
     let integrations = IntegrationStore::from_config(config).await?;
-    let vitally = VitallyHttp::new(
-        config.vitally.timeout,
+    let vitally = VitallyHttp::from_settings(
+        &config.vitally,
         vitally_client::metrics::VitallyMetrics::new(registry)?,
     )?;
     let deps = AppDeps {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use thena_broker::{Broker, Topology};
 use thena_events::{RequestChanged, sample};
 use thena_producer::{AppDeps, AppState, IngestMetrics, ProducerConfig, emit};
-use thena_runtime::ops::Readiness;
+use thena_runtime::{egress::AllowList, ops::Readiness};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -36,6 +36,8 @@ struct Options {
     publish_timeout: Duration,
     /// Reach RabbitMQ through a proxy the test can stop.
     proxied: bool,
+    /// Origins added to Vitally's hosts (`VITALLY_ALLOWED_HOSTS`), e.g. a fake's.
+    vitally_origins: Vec<String>,
 }
 
 impl Default for Options {
@@ -44,6 +46,7 @@ impl Default for Options {
             body_limit: 64 * 1024,
             publish_timeout: Duration::from_secs(5),
             proxied: false,
+            vitally_origins: Vec::new(),
         }
     }
 }
@@ -86,7 +89,17 @@ async fn start(options: Options) -> App {
     let keys = KeyRing::single(&SecretString::from(key)).unwrap();
     let schema = prefix.replace('-', "_");
     let integrations = IntegrationStore::new(schema_db(&schema).await, keys);
-    let vitally = VitallyHttp::new(Duration::from_secs(5), VitallyMetrics::unregistered()).unwrap();
+    let allowed = options
+        .vitally_origins
+        .iter()
+        .try_fold(AllowList::vitally(), |list, origin| list.with(origin))
+        .unwrap();
+    let vitally = VitallyHttp::new(
+        Duration::from_secs(5),
+        allowed,
+        VitallyMetrics::unregistered(),
+    )
+    .unwrap();
 
     let mut config = ProducerConfig::new(SecretString::from(TOKEN));
     config.body_limit = options.body_limit;
@@ -128,6 +141,12 @@ impl App {
 
     fn post_events(&self) -> reqwest::RequestBuilder {
         self.http.post(self.url("/v1/events")).bearer_auth(TOKEN)
+    }
+
+    /// `POST /v1/integrations` (connect) with `body`.
+    async fn connect(&self, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
+        let request = self.http.post(self.url("/v1/integrations"));
+        answer(request.bearer_auth(TOKEN).json(body).send().await.unwrap()).await
     }
 
     async fn post_json(&self, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
@@ -633,8 +652,12 @@ async fn when_the_broker_goes_away_the_api_answers_503_and_recovers_by_itself() 
 
 #[tokio::test]
 async fn the_admin_api_connects_reads_redacted_changes_toggles_and_disconnects() {
-    let app = start(Options::default()).await;
     let fake = FakeVitally::spawn(FakeConfig::default()).await.unwrap();
+    let app = start(Options {
+        vitally_origins: vec![fake.base_url(), "http://127.0.0.1:9".into()],
+        ..Options::default()
+    })
+    .await;
     let secret = fake.auth_header();
     let admin = |method: reqwest::Method, path: &str| {
         app.http.request(method, app.url(path)).bearer_auth(TOKEN)
@@ -1062,5 +1085,128 @@ async fn emitted_lifecycles_pass_the_api_and_land_on_the_queue() {
     assert_eq!((report.accepted, report.total()), (10, 10));
     let direct: BTreeSet<Uuid> = app.drain(10).await.iter().map(|e| e.event_id).collect();
     assert_eq!(direct, events[..10].iter().map(|e| e.event_id).collect());
+    app.finish().await;
+}
+
+/// The SSRF forms of issue 15, each aimed at a local listener: none may be reached.
+fn ssrf_forms(port: u16) -> Vec<String> {
+    [
+        "http://127.0.0.1:{p}",
+        "https://127.0.0.1:{p}",
+        "http://127.1:{p}",
+        "https://127.1:{p}",
+        "https://0x7f000001:{p}",
+        "https://2130706433:{p}",
+        "https://0177.0.0.1:{p}",
+        "https://%31%32%37.0.0.1:{p}",
+        "https://127.0.0.1.:{p}",
+        "https://[::ffff:127.0.0.1]:{p}",
+        "https://0.0.0.0:{p}",
+        "https://localhost:{p}",
+        "https://LOCALHOST.:{p}",
+        "https://acme.rest.vitally.io@127.0.0.1:{p}",
+        "https://user:pass@127.0.0.1:{p}",
+        "http://acme.rest.vitally.io:{p}",
+        "https://169.254.169.254",
+        "http://169.254.169.254/latest/meta-data",
+        "https://10.0.0.1",
+        "https://100.64.0.1",
+    ]
+    .iter()
+    .map(|form| form.replace("{p}", &port.to_string()))
+    .collect()
+}
+
+#[tokio::test]
+async fn connect_refuses_every_ssrf_form_without_opening_a_connection() {
+    let target = thena_testkit::target::TcpTarget::http("200 OK", "{\"results\":[]}")
+        .await
+        .unwrap();
+    let app = start(Options::default()).await;
+    for url in ssrf_forms(target.port()) {
+        let (status, body, _) = app
+            .connect(
+                &json!({"workspace_id": "TSSRF", "api_url": url, "auth_header": "Basic c3NyZjo="}),
+            )
+            .await;
+        assert_eq!(status, 422, "{url}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("invalid Vitally API URL: ")
+                && [
+                    "address",
+                    "not a Vitally API host",
+                    "plain http",
+                    "credentials"
+                ]
+                .iter()
+                .any(|why| error.contains(why)),
+            "{url}: {error}"
+        );
+        assert_eq!(target.accepted(), 0, "{url} reached the listener: {body}");
+    }
+    // The listener does count: a direct request is seen.
+    app.http
+        .get(format!("http://{}", target.addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(target.accepted(), 1);
+    app.finish().await;
+}
+
+#[tokio::test]
+async fn connect_tells_no_closed_port_from_redis_amqp_or_a_foreign_web_server() {
+    use thena_testkit::target::{TcpTarget, closed_port};
+    let redis = TcpTarget::answering(b"-ERR wrong number of arguments for 'get' command\r\n")
+        .await
+        .unwrap();
+    let amqp = TcpTarget::answering(b"AMQP\x00\x00\x09\x01").await.unwrap();
+    let failing = TcpTarget::http("500 Internal Server Error", "internal-secret-admin-page")
+        .await
+        .unwrap();
+    let html = TcpTarget::http("200 OK", "<html>internal-secret-wiki</html>")
+        .await
+        .unwrap();
+    let closed = closed_port().await.unwrap();
+    let origins: Vec<String> = [
+        closed,
+        redis.port(),
+        amqp.port(),
+        failing.port(),
+        html.port(),
+    ]
+    .iter()
+    .map(|port| format!("http://127.0.0.1:{port}"))
+    .collect();
+    let app = start(Options {
+        vitally_origins: origins.clone(),
+        ..Options::default()
+    })
+    .await;
+    let mut answers = Vec::new();
+    for url in &origins {
+        let (status, body, _) = app
+            .connect(
+                &json!({"workspace_id": "TPROBE", "api_url": url, "auth_header": "Basic cHJvYmU6"}),
+            )
+            .await;
+        let error = body["error"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            !error.contains("internal-secret"),
+            "{url} reflected: {error}"
+        );
+        answers.push((status, error));
+    }
+    assert!(
+        answers.windows(2).all(|pair| pair[0] == pair[1]),
+        "the answers tell the targets apart: {answers:#?}"
+    );
+    assert_eq!(answers[0].0, 502);
+    assert!(
+        answers[0]
+            .1
+            .contains("could not reach a Vitally API at that URL")
+    );
     app.finish().await;
 }

@@ -46,7 +46,7 @@ pub async fn build_worker(
     for workspace in store.undecryptable().await? {
         keys.set(&workspace, false);
     }
-    let http = VitallyHttp::new(config.vitally.timeout, vitally_metrics.clone())?;
+    let http = VitallyHttp::from_settings(&config.vitally, vitally_metrics.clone())?;
     let limiter = RateLimiter::new(
         redis.clone(),
         &config.redis_prefix,

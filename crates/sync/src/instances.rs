@@ -24,7 +24,7 @@ pub fn create_answer_lost(error: &VitallyError) -> bool {
         // A server error or a gateway timeout may come after the write was applied.
         ErrorKind::Status(status) => status >= 500 || status == 408,
         // Never reached Vitally.
-        ErrorKind::Connect | ErrorKind::InvalidRequest => false,
+        ErrorKind::Connect | ErrorKind::InvalidRequest | ErrorKind::Refused => false,
     }
 }
 
@@ -131,6 +131,7 @@ mod tests {
         assert!(!lost(ErrorKind::Status(404)));
         assert!(!lost(ErrorKind::Connect));
         assert!(!lost(ErrorKind::InvalidRequest));
+        assert!(!lost(ErrorKind::Refused));
     }
 
     #[test]

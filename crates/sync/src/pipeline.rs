@@ -173,6 +173,9 @@ enum StepError {
     Paused(Health, String),
     /// This replica cannot decrypt the integration's header.
     Undecryptable,
+    /// This replica's `VITALLY_ALLOWED_HOSTS` refuses the integration's API URL, or an
+    /// address its host resolved to.
+    Refused(String),
     /// Redis lost its data; locks resume after this wait.
     Quarantine(Duration),
     /// PostgreSQL (the durable version record) is unreachable.
@@ -232,6 +235,14 @@ impl StepError {
             StepError::Undecryptable => Outcome::Held {
                 reason: "key_undecryptable",
             },
+            // Like a key this replica lacks: an operator's fix, after which the held
+            // events flow again; parking them would need a replay.
+            StepError::Refused(refusal) => {
+                tracing::warn!(%refusal, "held: the integration's API URL is refused here");
+                Outcome::Held {
+                    reason: "api_url_refused",
+                }
+            }
             StepError::Quarantine(wait) => Outcome::Deferred {
                 wait,
                 reason: "redis_data_lost",
@@ -250,7 +261,15 @@ impl StepError {
 
 impl From<VitallyError> for StepError {
     fn from(error: VitallyError) -> Self {
-        StepError::Vitally(error)
+        match error.kind() {
+            ErrorKind::Refused => StepError::Refused(error.body().to_owned()),
+            ErrorKind::Status(_)
+            | ErrorKind::Timeout
+            | ErrorKind::Connect
+            | ErrorKind::Transport
+            | ErrorKind::Decode
+            | ErrorKind::InvalidRequest => StepError::Vitally(error),
+        }
     }
 }
 
@@ -263,6 +282,7 @@ fn vitally_reason(error: &VitallyError) -> String {
         ErrorKind::Transport => "transport",
         ErrorKind::Decode => "decode",
         ErrorKind::InvalidRequest => "invalid_request",
+        ErrorKind::Refused => "refused",
     };
     format!("vitally_{kind}")
 }
@@ -301,7 +321,8 @@ fn pausing(error: &VitallyError, object_call: bool) -> Option<Health> {
         | ErrorKind::Connect
         | ErrorKind::Transport
         | ErrorKind::Decode
-        | ErrorKind::InvalidRequest => None,
+        | ErrorKind::InvalidRequest
+        | ErrorKind::Refused => None,
     }
 }
 
@@ -371,7 +392,7 @@ impl Session<'_> {
                 if let Some(health) = pausing(&error, object_call) {
                     return Err(StepError::Paused(health, error.to_string()));
                 }
-                Err(StepError::Vitally(error))
+                Err(error.into())
             }
         }
     }
@@ -504,6 +525,10 @@ impl Pipeline {
                 reason: integration.health.as_str(),
             });
         }
+        // A record stored under a wider VITALLY_ALLOWED_HOSTS (or before there was one).
+        if let Err(refusal) = self.http.check_url(&integration.api_url) {
+            return Err(StepError::Refused(refusal.to_string()));
+        }
 
         let request_id = event.request.id;
         let Some(lock) = self
@@ -516,7 +541,7 @@ impl Pipeline {
         };
         // Bounded well inside the lock's lifetime: past it another consumer could take the
         // lock and, for a new request, create a second instance.
-        let lease = self.settings.lock_ttl.mul_f64(0.75);
+        let lease = thena_runtime::config::work_lease(self.settings.lock_ttl);
         let result =
             match tokio::time::timeout(lease, self.locked(event, &integration, may_update, tracer))
                 .await
@@ -1052,7 +1077,7 @@ fn connect_step_error(error: ConnectError) -> StepError {
     match error {
         ConnectError::Vitally(error) => match pausing(&error, true) {
             Some(health) => StepError::Paused(health, error.to_string()),
-            None => StepError::Vitally(error),
+            None => error.into(),
         },
         ConnectError::Store(error) => StepError::Store(error),
         error @ (ConnectError::InvalidUrl(_)

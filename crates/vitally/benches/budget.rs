@@ -25,6 +25,7 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use fake_vitally::{CustomObjectSeed, FakeConfig, FakeVitally, Fixture, RunningFake};
 use redis::{AsyncCommands, aio::ConnectionManager};
 use secrecy::SecretString;
+use thena_runtime::egress::AllowList;
 use vitally_client::{
     client::{VitallyClient, VitallyHttp},
     error::ErrorClass,
@@ -87,9 +88,19 @@ async fn run() -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
 
     let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let allowed = AllowList::vitally()
+        .with(&fake.base_url())
+        .map_err(anyhow::Error::msg)?;
+    let new_http = || {
+        VitallyHttp::new(
+            Duration::from_secs(5),
+            allowed.clone(),
+            VitallyMetrics::unregistered(),
+        )
+    };
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        let http = VitallyHttp::new(Duration::from_secs(5), VitallyMetrics::unregistered())?;
+        let http = new_http()?;
         let client = http.client(
             &fake.base_url(),
             SecretString::from(fake.auth_header()),
@@ -104,7 +115,7 @@ async fn run() -> anyhow::Result<()> {
 
     let baseline_clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let http = VitallyHttp::new(Duration::from_secs(5), VitallyMetrics::unregistered())?;
+            let http = new_http()?;
             let client = http.client(
                 &fake.base_url(),
                 SecretString::from(baseline_auth.clone()),

@@ -9,6 +9,7 @@
 use std::{
     collections::HashSet,
     fmt,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -21,6 +22,10 @@ use reqwest::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value, json};
+use thena_runtime::{
+    config::VitallySettings,
+    egress::{AllowList, Refusal},
+};
 use tracing::Instrument;
 
 use crate::{
@@ -37,12 +42,13 @@ const PAGE_LIMIT: &str = "100";
 const MAX_PAGES: usize = 1000;
 
 /// The process-wide HTTP client for Vitally: one connection pool, shared by every
-/// integration. Cheap to clone.
+/// integration, that reaches only the hosts its [`AllowList`] names. Cheap to clone.
 #[derive(Clone)]
 pub struct VitallyHttp {
     client: reqwest::Client,
     metrics: VitallyMetrics,
     timeout: Duration,
+    allowed: Arc<AllowList>,
 }
 
 impl fmt::Debug for VitallyHttp {
@@ -52,11 +58,25 @@ impl fmt::Debug for VitallyHttp {
 }
 
 impl VitallyHttp {
-    /// `timeout` bounds each whole request (connect, send, and reading the body).
-    pub fn new(timeout: Duration, metrics: VitallyMetrics) -> Result<Self, reqwest::Error> {
+    /// As configured: `VITALLY_TIMEOUT` and `VITALLY_ALLOWED_HOSTS`.
+    pub fn from_settings(
+        settings: &VitallySettings,
+        metrics: VitallyMetrics,
+    ) -> Result<Self, reqwest::Error> {
+        Self::new(settings.timeout, settings.allowed_hosts.clone(), metrics)
+    }
+
+    /// `timeout` bounds each whole request (connect, send, and reading the body);
+    /// `allowed` is where calls may go.
+    pub fn new(
+        timeout: Duration,
+        allowed: AllowList,
+        metrics: VitallyMetrics,
+    ) -> Result<Self, reqwest::Error> {
         // reqwest is built without a bundled crypto provider; the first caller installs
         // ring, later calls find it installed and that is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let allowed = Arc::new(allowed);
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(CONNECT_TIMEOUT))
@@ -65,13 +85,26 @@ impl VitallyHttp {
             // A redirect would carry the credentials somewhere the customer did not
             // configure; treat it as an error instead.
             .redirect(reqwest::redirect::Policy::none())
+            // Every name is resolved here and its addresses checked, on each new
+            // connection; a proxy (HTTPS_PROXY) would resolve it out of our sight.
+            .dns_resolver(GuardedResolver {
+                allowed: allowed.clone(),
+            })
+            .no_proxy()
             .user_agent(concat!("thena-vitally/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {
             client,
             metrics,
             timeout,
+            allowed,
         })
+    }
+
+    /// Whether calls to `base_url` may be made (the scheme, host and port are allowed).
+    pub fn check_url(&self, base_url: &str) -> Result<(), Refusal> {
+        let url = Url::parse(base_url.trim()).map_err(|_| Refusal::NoHost)?;
+        self.allowed.check(&url)
     }
 
     pub fn metrics(&self) -> &VitallyMetrics {
@@ -97,6 +130,29 @@ impl VitallyHttp {
             workspace: workspace.to_owned(),
             last_rate_limit: Arc::new(Mutex::new(None)),
         }
+    }
+}
+
+/// Resolves like the system does, then keeps only the addresses the allow-list admits:
+/// a Vitally host that resolves to a private or metadata address (DNS rebinding) is
+/// refused at every new connection, not only at connect.
+struct GuardedResolver {
+    allowed: Arc<AllowList>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allowed = self.allowed.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let admitted = allowed.admit(&host, resolved).map_err(|refusal| {
+                tracing::warn!(%host, %refusal, "refused to connect to Vitally");
+                Box::new(refusal) as Box<dyn std::error::Error + Send + Sync>
+            })?;
+            Ok(Box::new(admitted.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -670,6 +726,9 @@ impl VitallyClient {
     ) -> Result<(u16, Vec<u8>), VitallyError> {
         let invalid = |reason: &str| VitallyError::new(endpoint, ErrorKind::InvalidRequest, reason);
         let url = self.url(segments, query).map_err(invalid)?;
+        self.http.allowed.check(&url).map_err(|refusal| {
+            VitallyError::new(endpoint, ErrorKind::Refused, &refusal.to_string())
+        })?;
         let mut auth = HeaderValue::from_str(self.auth.expose_secret())
             .map_err(|_| invalid("the auth header is not a valid HTTP header value"))?;
         // Sensitive values are never indexed by HPACK and print as "Sensitive".
@@ -743,6 +802,9 @@ fn decode<T: DeserializeOwned>(
 }
 
 fn transport_error(endpoint: &'static str, err: reqwest::Error) -> VitallyError {
+    if let Some(refusal) = refusal_in(&err) {
+        return VitallyError::new(endpoint, ErrorKind::Refused, &refusal.to_string());
+    }
     let kind = if err.is_timeout() {
         ErrorKind::Timeout
     } else if err.is_connect() {
@@ -752,6 +814,18 @@ fn transport_error(endpoint: &'static str, err: reqwest::Error) -> VitallyError 
     };
     // Without the URL: it is noise at best and could carry userinfo at worst.
     VitallyError::new(endpoint, kind, &error_chain(&err.without_url()))
+}
+
+/// The resolver's refusal, somewhere down the error's causes.
+fn refusal_in<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e Refusal> {
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if let Some(refusal) = current.downcast_ref::<Refusal>() {
+            return Some(refusal);
+        }
+        cause = current.source();
+    }
+    None
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -831,8 +905,12 @@ mod tests {
 
     #[test]
     fn urls_are_built_from_encoded_segments_and_query_pairs() {
-        let http = VitallyHttp::new(Duration::from_secs(1), VitallyMetrics::unregistered())
-            .expect("client");
+        let http = VitallyHttp::new(
+            Duration::from_secs(1),
+            AllowList::vitally(),
+            VitallyMetrics::unregistered(),
+        )
+        .expect("client");
         let client = http.client(
             "https://user:pw@acme.rest.vitally.io/resources/",
             SecretString::from("Basic x"),

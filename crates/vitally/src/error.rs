@@ -27,6 +27,9 @@ pub enum ErrorKind {
     /// The request could not be built (for example an auth header that is not a valid
     /// HTTP header value, or an unusable base URL); never sent.
     InvalidRequest,
+    /// The URL, or an address its host resolved to, is not one Vitally calls may go to
+    /// (`VITALLY_ALLOWED_HOSTS`); never sent.
+    Refused,
 }
 
 /// What the caller should do about a failure.
@@ -67,7 +70,7 @@ impl VitallyError {
         Self {
             kind,
             endpoint,
-            body: truncate(body, MAX_BODY_CHARS),
+            body: thena_runtime::clip(body.trim(), MAX_BODY_CHARS),
             reset: None,
         }
     }
@@ -89,8 +92,11 @@ impl VitallyError {
             ErrorKind::Status(code) if code >= 500 => ErrorClass::Transient,
             // 400/401/403/404/409/422, any other 4xx, and unexpected 1xx/3xx.
             ErrorKind::Status(_) => ErrorClass::Permanent,
-            // A 2xx whose body we cannot read will read the same way next time.
-            ErrorKind::Decode | ErrorKind::InvalidRequest => ErrorClass::Permanent,
+            // A 2xx whose body we cannot read will read the same way next time; a
+            // refused host stays refused until an operator changes the allow-list.
+            ErrorKind::Decode | ErrorKind::InvalidRequest | ErrorKind::Refused => {
+                ErrorClass::Permanent
+            }
         }
     }
 
@@ -110,7 +116,8 @@ impl VitallyError {
             | ErrorKind::Connect
             | ErrorKind::Transport
             | ErrorKind::Decode
-            | ErrorKind::InvalidRequest => None,
+            | ErrorKind::InvalidRequest
+            | ErrorKind::Refused => None,
         }
     }
 
@@ -123,6 +130,28 @@ impl VitallyError {
         &self.body
     }
 
+    /// What failed, without a body the far end wrote: what a caller of the admin API
+    /// may see (the full error, body included, is for the operator's log). Only our own
+    /// reasons (an unbuildable request, a refused host) are kept.
+    pub fn summary(&self) -> String {
+        let own_reason = match self.kind {
+            ErrorKind::InvalidRequest | ErrorKind::Refused => !self.body.is_empty(),
+            ErrorKind::Status(_)
+            | ErrorKind::Timeout
+            | ErrorKind::Connect
+            | ErrorKind::Transport
+            | ErrorKind::Decode => false,
+        };
+        if own_reason {
+            return self.to_string();
+        }
+        Self {
+            body: String::new(),
+            ..self.clone()
+        }
+        .to_string()
+    }
+
     /// The label used for the `status` dimension of the request counter.
     pub fn status_label(&self) -> String {
         match self.kind {
@@ -132,6 +161,7 @@ impl VitallyError {
             ErrorKind::Transport => "transport".to_owned(),
             ErrorKind::Decode => "decode".to_owned(),
             ErrorKind::InvalidRequest => "invalid_request".to_owned(),
+            ErrorKind::Refused => "refused".to_owned(),
         }
     }
 }
@@ -146,6 +176,7 @@ impl fmt::Display for VitallyError {
             ErrorKind::Transport => f.write_str("transport error")?,
             ErrorKind::Decode => f.write_str("undecodable response")?,
             ErrorKind::InvalidRequest => f.write_str("invalid request")?,
+            ErrorKind::Refused => f.write_str("refused by VITALLY_ALLOWED_HOSTS")?,
         }
         if !self.body.is_empty() {
             write!(f, ": {}", self.body)?;
@@ -155,15 +186,6 @@ impl fmt::Display for VitallyError {
 }
 
 impl std::error::Error for VitallyError {}
-
-/// Cuts `s` to at most `max` characters (on a char boundary), marking the cut.
-fn truncate(s: &str, max: usize) -> String {
-    let s = s.trim();
-    match s.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}…", &s[..cut]),
-        None => s.to_owned(),
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,8 @@ use reqwest::{Url, header::HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
+use thena_runtime::egress::Refusal;
+
 use crate::{
     client::{Field, VitallyHttp},
     error::{ErrorKind, VitallyError},
@@ -17,7 +19,10 @@ use crate::{
 };
 
 /// Vitally allows 1000 requests per minute per key; a budget above that cannot be met.
-pub const MAX_RATE_BUDGET_PER_MIN: u32 = 1000;
+pub const MAX_RATE_BUDGET_PER_MIN: u32 = thena_runtime::config::VITALLY_LIMIT_PER_MIN;
+
+/// The longest piece of a refused URL an error message repeats.
+const MAX_URL_SHOWN: usize = 200;
 
 /// What an operator supplies to connect a workspace. `Debug` redacts the auth header.
 #[derive(Debug, Clone)]
@@ -85,8 +90,17 @@ pub enum ConnectError {
          Vitally's REST API settings"
     )]
     Unauthorized { status: u16 },
-    #[error("could not reach Vitally at {url}: {reason}")]
-    Unreachable { url: String, reason: String },
+    /// Closed, filtered, another protocol, or an HTTP server that does not answer like
+    /// Vitally: one answer for all, so connect cannot be used to map a network. The
+    /// detail is logged for the operator.
+    #[error(
+        "could not reach a Vitally API at that URL (no answer, or not one Vitally would \
+         give); the log has the details"
+    )]
+    Unreachable {
+        /// What happened, for the log only.
+        detail: String,
+    },
     #[error(
         "this Vitally instance is already connected to workspace {workspace}; one Vitally \
          can be integrated with a single workspace (disconnect it there first)"
@@ -101,7 +115,8 @@ pub enum ConnectError {
     UnsupportedFieldType { label: String, field_type: String },
     #[error("workspace {0} is not connected")]
     NotConnected(String),
-    #[error(transparent)]
+    /// Shown without the body Vitally answered (see [`VitallyError::summary`]).
+    #[error("{}", .0.summary())]
     Vitally(#[from] VitallyError),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -118,7 +133,22 @@ pub async fn connect(
     req: ConnectRequest,
     actor: &str,
 ) -> Result<Connected, ConnectError> {
-    let api_url = validate_url(&req.api_url)?;
+    let workspace = req.workspace_id.clone();
+    let result = connect_checked(http, store, req, actor).await;
+    if let Err(error) = &result {
+        // The whole story for the operator; the caller gets the bounded message.
+        tracing::warn!(%workspace, ?error, "connect failed");
+    }
+    result
+}
+
+async fn connect_checked(
+    http: &VitallyHttp,
+    store: &IntegrationStore,
+    req: ConnectRequest,
+    actor: &str,
+) -> Result<Connected, ConnectError> {
+    let api_url = validate_url(http, &req.api_url)?;
     validate_auth_header(&req.auth_header)?;
     validate_budget(req.rate_budget_per_min)?;
     if req.workspace_id.trim().is_empty() {
@@ -137,10 +167,7 @@ pub async fn connect(
     let previous = store.previous_connection(&req.workspace_id).await?;
     let client = http.client(&api_url, req.auth_header.clone(), &req.workspace_id);
 
-    let objects = client
-        .custom_objects()
-        .await
-        .map_err(|err| first_call_error(&api_url, err))?;
+    let objects = client.custom_objects().await.map_err(first_call_error)?;
     let desired = desired_fields(&req.categories);
     // Prefer the object this workspace already uses, should Vitally hold several.
     let adopt = previous
@@ -448,30 +475,29 @@ fn apply_toggles(integration: &mut Integration, toggles: Toggles) -> Result<(), 
     Ok(())
 }
 
-/// A usable http(s) base URL, normalised without a trailing `/`.
-fn validate_url(raw: &str) -> Result<String, ConnectError> {
+/// A base URL this fleet may call (see `VITALLY_ALLOWED_HOSTS`), normalised without a
+/// trailing `/`. Checked before any connection is made.
+fn validate_url(http: &VitallyHttp, raw: &str) -> Result<String, ConnectError> {
     let raw = raw.trim();
-    let url = Url::parse(raw).map_err(|err| ConnectError::InvalidUrl(format!("{raw:?}: {err}")))?;
-    if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(ConnectError::InvalidUrl(format!(
-            "{raw:?}: the scheme must be http or https"
-        )));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(ConnectError::InvalidUrl(format!("{raw:?}: no host")));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        // Do not echo it back: that part is a credential.
-        return Err(ConnectError::InvalidUrl(
-            "the URL must not contain credentials; put them in the auth header".to_owned(),
-        ));
-    }
+    let shown = shown_url(raw);
+    let url = Url::parse(raw).map_err(|err| ConnectError::InvalidUrl(format!("{shown}: {err}")))?;
     if url.query().is_some() || url.fragment().is_some() {
         return Err(ConnectError::InvalidUrl(format!(
-            "{raw:?}: no query or fragment expected"
+            "{shown}: no query or fragment expected"
         )));
     }
+    http.check_url(raw).map_err(|refusal| match refusal {
+        // Do not echo it back: that part is a credential.
+        Refusal::Credentials => ConnectError::InvalidUrl(refusal.to_string()),
+        other => ConnectError::InvalidUrl(format!("{shown}: {other}")),
+    })?;
     Ok(raw.trim_end_matches('/').to_owned())
+}
+
+/// The URL as an error may repeat it: without a password, and short.
+fn shown_url(raw: &str) -> String {
+    let redacted = thena_runtime::config::redact_url(raw);
+    format!("{:?}", thena_runtime::clip(&redacted, MAX_URL_SHOWN))
 }
 
 fn validate_auth_header(header: &SecretString) -> Result<(), ConnectError> {
@@ -497,22 +523,22 @@ fn validate_budget(budget: u32) -> Result<(), ConnectError> {
     Ok(())
 }
 
-/// The first call doubles as the credential and reachability check.
-fn first_call_error(api_url: &str, err: VitallyError) -> ConnectError {
+/// The first call doubles as the credential and reachability check. Whatever does not
+/// answer like Vitally gets one message, so a closed port, a Redis or AMQP port and a
+/// foreign web server look alike and nothing of their answer is repeated.
+fn first_call_error(err: VitallyError) -> ConnectError {
     match err.kind() {
         ErrorKind::Status(status @ (401 | 403)) => ConnectError::Unauthorized { status },
-        ErrorKind::Status(404) => ConnectError::InvalidUrl(format!(
-            "{api_url:?} does not serve the Vitally REST API (HTTP 404)"
-        )),
-        ErrorKind::Timeout | ErrorKind::Connect | ErrorKind::Transport => {
-            ConnectError::Unreachable {
-                url: api_url.to_owned(),
-                reason: err.body().to_owned(),
-            }
-        }
-        ErrorKind::Status(_) | ErrorKind::Decode | ErrorKind::InvalidRequest => {
-            ConnectError::Vitally(err)
-        }
+        ErrorKind::Status(429) => ConnectError::Vitally(err),
+        ErrorKind::Refused => ConnectError::InvalidUrl(err.body().to_owned()),
+        ErrorKind::Status(_)
+        | ErrorKind::Timeout
+        | ErrorKind::Connect
+        | ErrorKind::Transport
+        | ErrorKind::Decode
+        | ErrorKind::InvalidRequest => ConnectError::Unreachable {
+            detail: err.to_string(),
+        },
     }
 }
 
@@ -678,26 +704,39 @@ mod tests {
         assert!(compare_fields(&after, after.clone()).is_unchanged());
     }
 
+    fn http(allowed: &str) -> VitallyHttp {
+        let allowed = thena_runtime::egress::AllowList::vitally_and(allowed).unwrap();
+        let metrics = crate::metrics::VitallyMetrics::unregistered();
+        VitallyHttp::new(std::time::Duration::from_secs(1), allowed, metrics).unwrap()
+    }
+
     #[test]
-    fn urls_must_be_plain_http_or_https() {
+    fn urls_must_be_allowed_and_plain() {
+        let http = http("http://127.0.0.1:8080");
         assert_eq!(
-            validate_url(" https://acme.rest.vitally.io/ ").unwrap(),
+            validate_url(&http, " https://acme.rest.vitally.io/ ").unwrap(),
             "https://acme.rest.vitally.io"
         );
-        assert!(validate_url("http://127.0.0.1:8080").is_ok());
+        assert!(validate_url(&http, "http://127.0.0.1:8080").is_ok());
         for bad in [
             "",
             "acme.rest.vitally.io",
             "ftp://acme.rest.vitally.io",
             "https://acme.rest.vitally.io/?x=1",
+            "http://acme.rest.vitally.io",
+            "https://127.0.0.1:8080",
+            "http://127.0.0.1:8081",
         ] {
             assert!(
-                matches!(validate_url(bad), Err(ConnectError::InvalidUrl(_))),
+                matches!(validate_url(&http, bad), Err(ConnectError::InvalidUrl(_))),
                 "{bad}"
             );
         }
-        let err = validate_url("https://key:pw@acme.rest.vitally.io").unwrap_err();
-        assert!(!err.to_string().contains("key:pw"));
+        let err = validate_url(&http, "https://key:pw@acme.rest.vitally.io").unwrap_err();
+        assert!(!err.to_string().contains("pw"), "{err}");
+        let long = format!("https://{}.example", "a".repeat(20_000));
+        let err = validate_url(&http, &long).unwrap_err().to_string();
+        assert!(err.len() < 600, "{} characters", err.len());
     }
 
     #[test]
@@ -761,28 +800,40 @@ mod tests {
     }
 
     #[test]
-    fn the_first_call_tells_bad_credentials_from_an_unreachable_host() {
-        let url = "https://acme.rest.vitally.io";
-        let e = |kind| VitallyError::new("custom_objects.list", kind, "boom");
+    fn the_first_call_tells_bad_credentials_from_anything_else_and_repeats_no_body() {
+        let e = |kind| VitallyError::new("custom_objects.list", kind, "internal-secret");
         assert!(matches!(
-            first_call_error(url, e(ErrorKind::Status(401))),
+            first_call_error(e(ErrorKind::Status(401))),
             ConnectError::Unauthorized { status: 401 }
         ));
         assert!(matches!(
-            first_call_error(url, e(ErrorKind::Status(403))),
+            first_call_error(e(ErrorKind::Status(403))),
             ConnectError::Unauthorized { status: 403 }
         ));
         assert!(matches!(
-            first_call_error(url, e(ErrorKind::Connect)),
-            ConnectError::Unreachable { .. }
-        ));
-        assert!(matches!(
-            first_call_error(url, e(ErrorKind::Status(404))),
-            ConnectError::InvalidUrl(_)
-        ));
-        assert!(matches!(
-            first_call_error(url, e(ErrorKind::Status(500))),
+            first_call_error(e(ErrorKind::Status(429))),
             ConnectError::Vitally(_)
         ));
+        assert!(matches!(
+            first_call_error(e(ErrorKind::Refused)),
+            ConnectError::InvalidUrl(_)
+        ));
+        let unreachable = [
+            ErrorKind::Connect,
+            ErrorKind::Timeout,
+            ErrorKind::Transport,
+            ErrorKind::Decode,
+            ErrorKind::Status(404),
+            ErrorKind::Status(500),
+        ]
+        .map(|kind| first_call_error(e(kind)).to_string());
+        assert!(
+            unreachable.iter().all(|m| *m == unreachable[0]),
+            "{unreachable:?}"
+        );
+        assert!(unreachable[0].contains("could not reach a Vitally API at that URL"));
+        assert!(!unreachable[0].contains("internal-secret"));
+        let later = ConnectError::from(e(ErrorKind::Status(500))).to_string();
+        assert_eq!(later, "vitally custom_objects.list failed: HTTP 500");
     }
 }

@@ -9,10 +9,6 @@ use fake_vitally::{FakeConfig, FakeVitally, Fault, FaultKind, Fixture, RunningFa
 use prometheus::Registry;
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
 use vitally_client::{
     client::{InstanceBody, NewUser, VitallyClient, VitallyHttp},
     error::{ErrorClass, ErrorKind},
@@ -27,7 +23,7 @@ async fn fake() -> RunningFake {
 }
 
 fn client_for(fake: &RunningFake, timeout: Duration) -> VitallyClient {
-    common::http(timeout).client(
+    common::http(fake, timeout).client(
         &fake.base_url(),
         SecretString::from(fake.auth_header()),
         "T-client",
@@ -276,7 +272,12 @@ async fn rate_limit_headers_are_kept_and_exported_with_the_call_counts() {
     let fake = fake().await;
     let registry = Registry::new();
     let metrics = VitallyMetrics::new(&registry).unwrap();
-    let http = VitallyHttp::new(Duration::from_secs(5), metrics.clone()).unwrap();
+    let http = VitallyHttp::new(
+        Duration::from_secs(5),
+        common::allowing(&fake),
+        metrics.clone(),
+    )
+    .unwrap();
     let client = http.client(
         &fake.base_url(),
         SecretString::from(fake.auth_header()),
@@ -334,30 +335,22 @@ async fn past_the_window_a_429_is_rate_limited_until_the_reset_vitally_sent() {
 }
 
 /// Answers every connection with a 200 whose body is not JSON.
-async fn garbage_server() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let mut buf = [0u8; 4096];
-            let _ = socket.read(&mut buf).await;
-            let body = "<html>maintenance</html>";
-            let response = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-        }
-    });
-    format!("http://{addr}")
-}
-
 #[tokio::test]
 async fn every_status_and_fault_lands_in_its_class() {
     let fake = fake().await;
     let registry = Registry::new();
     let metrics = VitallyMetrics::new(&registry).unwrap();
-    let http = VitallyHttp::new(Duration::from_millis(400), metrics.clone()).unwrap();
+    // A 2xx that is not the documented JSON, and a port nobody listens on: both
+    // listed, as an operator would to reach them.
+    let garbage = thena_testkit::target::TcpTarget::http("200 OK", "<html>maintenance</html>")
+        .await
+        .unwrap();
+    let garbage_url = format!("http://{}", garbage.addr());
+    let allowed = common::allowing(&fake)
+        .with("http://127.0.0.1:1")
+        .and_then(|list| list.with(&garbage_url))
+        .unwrap();
+    let http = VitallyHttp::new(Duration::from_millis(400), allowed, metrics.clone()).unwrap();
     let auth = SecretString::from(fake.auth_header());
     let client = http.client(&fake.base_url(), auth.clone(), "T-faults");
     let objects = "/resources/customObjects";
@@ -442,7 +435,7 @@ async fn every_status_and_fault_lands_in_its_class() {
     assert_eq!(err.class(), ErrorClass::Transient);
 
     // A 2xx that is not the documented JSON.
-    let garbage = http.client(&garbage_server().await, auth.clone(), "T-faults");
+    let garbage = http.client(&garbage_url, auth.clone(), "T-faults");
     let err = garbage.custom_objects().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Decode, "{err}");
     assert_eq!(err.class(), ErrorClass::Permanent);

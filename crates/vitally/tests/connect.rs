@@ -51,7 +51,7 @@ async fn setup() -> (RunningFake, Scope, IntegrationStore) {
 #[tokio::test]
 async fn connecting_an_empty_vitally_creates_the_object_with_every_trait() {
     let (fake, _redis, store) = setup().await;
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let req = connect_request(
         &fake.base_url(),
         &fake.auth_header(),
@@ -96,7 +96,7 @@ async fn connecting_an_empty_vitally_creates_the_object_with_every_trait() {
 #[tokio::test]
 async fn connecting_twice_creates_no_duplicate_object_or_field() {
     let (fake, _redis, store) = setup().await;
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let first = common::connect(
         &http,
         &store,
@@ -159,7 +159,7 @@ async fn connecting_adopts_a_partial_object_adding_only_the_missing_traits() {
     .unwrap();
     fake.seed(fixture).unwrap();
     let before = provisioned(&fake.dump());
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
 
     let integration = common::connect(
         &http,
@@ -198,7 +198,7 @@ async fn connecting_adopts_a_partial_object_adding_only_the_missing_traits() {
 #[tokio::test]
 async fn a_rejected_auth_header_says_vitally_rejected_it_and_stores_nothing() {
     let (fake, _redis, store) = setup().await;
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let err = common::connect(
         &http,
         &store,
@@ -226,7 +226,7 @@ async fn a_rejected_auth_header_says_vitally_rejected_it_and_stores_nothing() {
 async fn an_unreachable_or_malformed_url_is_reported_before_anything_is_stored() {
     let redis = Scope::new();
     let store = redis.store(common::cipher()).await;
-    let http = common::http(TIMEOUT);
+    let http = common::http_allowing(&["http://127.0.0.1:1"], TIMEOUT);
     let err = common::connect(
         &http,
         &store,
@@ -237,7 +237,7 @@ async fn an_unreachable_or_malformed_url_is_reported_before_anything_is_stored()
     assert!(matches!(err, ConnectError::Unreachable { .. }), "{err:?}");
     assert!(
         err.to_string()
-            .starts_with("could not reach Vitally at http://127.0.0.1:1: "),
+            .starts_with("could not reach a Vitally API at that URL"),
         "{err}"
     );
 
@@ -261,7 +261,7 @@ async fn an_unreachable_or_malformed_url_is_reported_before_anything_is_stored()
 #[tokio::test]
 async fn ensure_field_adds_a_missing_trait_once_and_records_its_path() {
     let (fake, _redis, store) = setup().await;
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let integration = common::connect(
         &http,
         &store,
@@ -301,7 +301,7 @@ async fn ensure_field_adds_a_missing_trait_once_and_records_its_path() {
 #[tokio::test]
 async fn toggles_change_the_stored_record_and_disconnect_removes_it() {
     let (fake, _redis, store) = setup().await;
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let connected = common::connect(
         &http,
         &store,
@@ -368,7 +368,7 @@ async fn toggles_change_the_stored_record_and_disconnect_removes_it() {
 #[tokio::test]
 async fn reconnecting_after_a_key_rotation_replaces_the_record_and_keeps_its_start() {
     let (fake, redis, store) = setup().await;
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let first = common::connect(
         &http,
         &store,
@@ -408,7 +408,7 @@ async fn a_same_named_field_of_another_type_is_reported_not_duplicated() {
     }))
     .unwrap();
     fake.seed(fixture).unwrap();
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let integration = common::connect(
         &http,
         &store,
@@ -448,7 +448,7 @@ async fn a_same_named_field_of_another_type_is_reported_not_duplicated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_simultaneous_connects_of_one_workspace_leave_exactly_one_object() {
     let (fake, scope, store) = setup().await;
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let connects = (0..5).map(|_| {
         let req = connect_request(&fake.base_url(), &fake.auth_header(), "T-race", &["Region"]);
         common::connect(&http, &store, req)
@@ -484,7 +484,7 @@ async fn five_simultaneous_connects_of_one_workspace_leave_exactly_one_object() 
 #[tokio::test]
 async fn a_second_workspace_connecting_the_same_vitally_is_refused_naming_the_first() {
     let (fake, scope, store) = setup().await;
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let first = connect_request(&fake.base_url(), &fake.auth_header(), "T-first", &[]);
     common::connect(&http, &store, first).await.unwrap();
     fake.reset_calls();
@@ -514,7 +514,7 @@ async fn a_second_workspace_connecting_the_same_vitally_is_refused_naming_the_fi
 #[tokio::test]
 async fn a_reconnect_after_a_disconnect_keeps_established_at_unless_an_operator_sets_it() {
     let (fake, scope, store) = setup().await;
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let req = || connect_request(&fake.base_url(), &fake.auth_header(), "T-fwd", &[]);
     let first = common::connect(&http, &store, req()).await.unwrap();
     assert!(provision::disconnect(&store, "T-fwd", ACTOR).await.unwrap());
@@ -542,4 +542,72 @@ async fn a_reconnect_after_a_disconnect_keeps_established_at_unless_an_operator_
     );
     fake.shutdown().await;
     scope.cleanup().await;
+}
+
+/// A host the allow-list names whose name resolves to a loopback address (DNS rebinding,
+/// or a record pointing inside): refused at resolution, at connect and at every later
+/// call, and no connection is opened. Listed as an origin, the same name is reached.
+#[tokio::test]
+async fn a_listed_name_that_resolves_to_loopback_is_refused_at_every_call_without_a_connection() {
+    let target = thena_testkit::target::TcpTarget::http("200 OK", "{\"results\":[]}")
+        .await
+        .unwrap();
+    let port = target.port();
+    let redis = Scope::new();
+    let store = redis.store(common::cipher()).await;
+    // `localhost:PORT` alone means https to a public address; /etc/hosts says 127.0.0.1.
+    let entry = format!("localhost:{port}");
+    let http = common::http_allowing(&[&entry], TIMEOUT);
+    let url = format!("https://localhost:{port}");
+    let err = common::connect(
+        &http,
+        &store,
+        connect_request(&url, "Basic eDo=", "T-rebind", &[]),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ConnectError::InvalidUrl(_)), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains("localhost resolved to")
+            && message.contains("a loopback address: refused"),
+        "{message}"
+    );
+    // A consumer's later call with a stored record goes through the same resolver.
+    let client = http.client(&url, secrecy::SecretString::from("Basic eDo="), "T-rebind");
+    let call = client.custom_objects().await.unwrap_err();
+    assert_eq!(
+        call.kind(),
+        vitally_client::error::ErrorKind::Refused,
+        "{call}"
+    );
+    // And a URL the list does not name is refused before resolution.
+    let elsewhere = http.client(
+        &format!("https://127.0.0.1:{port}"),
+        secrecy::SecretString::from("Basic eDo="),
+        "T-rebind",
+    );
+    let call = elsewhere.custom_objects().await.unwrap_err();
+    assert_eq!(
+        call.kind(),
+        vitally_client::error::ErrorKind::Refused,
+        "{call}"
+    );
+    assert_eq!(target.accepted(), 0, "a refused call reached the listener");
+    assert!(store.get("T-rebind").await.unwrap().is_none());
+
+    // The operator vouches for the origin: the same name is called (the listener counts).
+    let origin = format!("http://localhost:{port}");
+    let vouched = common::http_allowing(&[&origin], TIMEOUT);
+    let client = vouched.client(
+        &origin,
+        secrecy::SecretString::from("Basic eDo="),
+        "T-rebind",
+    );
+    client
+        .custom_objects()
+        .await
+        .expect("the listed origin answers");
+    assert!(target.accepted() >= 1);
+    redis.cleanup().await;
 }

@@ -93,7 +93,8 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
     let store = redis.store(common::cipher()).await;
     let registry = Registry::new();
     let metrics = VitallyMetrics::new(&registry).unwrap();
-    let http = VitallyHttp::new(Duration::from_millis(500), metrics).unwrap();
+    let http =
+        VitallyHttp::new(Duration::from_millis(500), common::allowing(&fake), metrics).unwrap();
     let mut shown: Vec<(String, String)> = Vec::new();
     let mut show = |what: &str, text: String| shown.push((what.to_owned(), text));
 

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
+use fake_vitally::RunningFake;
 use secrecy::SecretString;
+use thena_runtime::egress::AllowList;
 use vitally_client::{
     client::VitallyHttp,
     crypto::KeyRing,
@@ -65,8 +67,25 @@ pub async fn connect(
         .map(|connected| connected.integration)
 }
 
-pub fn http(timeout: Duration) -> VitallyHttp {
-    VitallyHttp::new(timeout, VitallyMetrics::unregistered()).expect("http client")
+/// A client that may reach `fake` (plain http on loopback, allowed by its exact
+/// origin, as `VITALLY_ALLOWED_HOSTS` would) besides Vitally's own hosts.
+pub fn http(fake: &RunningFake, timeout: Duration) -> VitallyHttp {
+    http_allowing(&[&fake.base_url()], timeout)
+}
+
+/// Vitally's hosts and the fake's origin.
+pub fn allowing(fake: &RunningFake) -> AllowList {
+    AllowList::vitally()
+        .with(&fake.base_url())
+        .expect("the fake's origin")
+}
+
+pub fn http_allowing(origins: &[&str], timeout: Duration) -> VitallyHttp {
+    let allowed = origins
+        .iter()
+        .try_fold(AllowList::vitally(), |list, origin| list.with(origin))
+        .expect("allow-list entries");
+    VitallyHttp::new(timeout, allowed, VitallyMetrics::unregistered()).expect("http client")
 }
 
 pub fn connect_request(

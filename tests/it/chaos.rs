@@ -604,7 +604,7 @@ async fn a_consumer_process_killed_with_sigkill_mid_batch_loses_and_duplicates_n
     }
 
     let metrics_addr = free_port();
-    let mut env: Vec<(&str, String)> = chaos.fleet.env.config_overrides();
+    let mut env: Vec<(&str, String)> = chaos.fleet.variables();
     env.retain(|(name, _)| *name != "METRICS_ADDR");
     env.extend([
         ("AMQP_URL", thena_testkit::amqp_url()),

@@ -539,3 +539,40 @@ async fn integrations_connect_refuses_ssrf_forms_without_connecting_until_the_or
     assert!(target.accepted() >= 1, "{}", stderr(&out));
     env.cleanup().await;
 }
+
+/// The libraries' own parse and connect errors for the three URLs, as a role prints
+/// them: never the password.
+#[test]
+fn a_malformed_or_unreachable_url_stops_the_role_without_repeating_its_password() {
+    let env = TestEnv::new();
+    let cases = [
+        (
+            "replayer",
+            "AMQP_URL",
+            "amqp://u:Pw-amqp-1@host:notaport/%2f",
+        ),
+        ("replayer", "AMQP_URL", "amqp://u:Pw-amqp-2@[::1/%2f"),
+        ("consumer", "REDIS_URL", "redis://:Pw-redis-1@host:notaport"),
+        ("consumer", "REDIS_URL", "redis://u:Pw-redis-2@127.0.0.1:1"),
+        (
+            "migrate",
+            "DATABASE_URL",
+            "postgres://u:Pw-pg-1@host:notaport/db",
+        ),
+        (
+            "migrate",
+            "DATABASE_URL",
+            "postgres://u:Pw-pg-2@127.0.0.1:1/db",
+        ),
+    ];
+    for (role, name, url) in cases {
+        let out = run(&env, &[role], &[(name, url)]);
+        let text = stdout(&out) + &stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{role} {name}={url}: {text}");
+        assert!(
+            !text.contains("Pw-"),
+            "{role} {name}={url} shows the password: {text}"
+        );
+    }
+    drop(env);
+}

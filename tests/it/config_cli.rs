@@ -88,6 +88,14 @@ fn config_output_holds_no_password_from_any_source_even_when_invalid() {
         ("INTEGRATIONS_KEYS", "k1:key-very-secret"),
         ("VITALLY_ALLOWED_HOSTS", "http://127.0.0.1:8089"),
     ];
+    // The defaults hold a password too (guest:guest).
+    let text = all_text(&run(&["config"], &[]));
+    assert!(
+        text.contains("amqp://guest:***@127.0.0.1:5672/%2f (default)"),
+        "{text}"
+    );
+    assert!(!text.contains("guest:guest"), "{text}");
+
     let out = run(&["--config", file_arg, "config"], &valid);
     let text = all_text(&out);
     assert!(out.status.success(), "{text}");

@@ -374,8 +374,7 @@ async fn the_integrations_cli_says_what_connect_did_and_what_set_changed() {
     let run = |args: &[&str]| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_thena-vitally"))
             .args(args)
-            .envs(fleet.env.config_overrides())
-            .env("VITALLY_ALLOWED_HOSTS", fleet.fake.base_url())
+            .envs(fleet.variables())
             .env("VITALLY_AUTH_HEADER", fleet.fake.auth_header())
             .env("USER", "oncall")
             .output()

@@ -28,7 +28,7 @@ async fn record(fleet: &Fleet, id: u64) -> RequestRecord {
 fn cli(fleet: &Fleet, args: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_thena-vitally"))
         .args(args)
-        .envs(fleet.env.config_overrides())
+        .envs(fleet.variables())
         .env("LOG_FORMAT", "json")
         .output()
         .expect("the binary runs");

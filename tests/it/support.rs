@@ -83,9 +83,7 @@ impl Fleet {
         let fake = FakeVitally::spawn(fake_config).await.expect("fake vitally");
         fake.seed(serde_json::from_value(thena_demo::customers::fixture()).unwrap())
             .expect("seed");
-        let mut pairs: Vec<(&str, String)> = env.config_overrides();
-        // The fake is plain http on loopback: allowed by its exact origin.
-        pairs.push(("VITALLY_ALLOWED_HOSTS", fake.base_url()));
+        let mut pairs = fleet_variables(&env, &fake);
         pairs.extend(overrides.iter().map(|(k, v)| (*k, v.to_string())));
         let borrowed: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let config = Config::defaults_with(&borrowed).expect("config");
@@ -112,6 +110,11 @@ impl Fleet {
             retired: Vec::new(),
             published: Mutex::default(),
         }
+    }
+
+    /// The environment a role of this fleet runs with as a separate process.
+    pub fn variables(&self) -> Vec<(&'static str, String)> {
+        fleet_variables(&self.env, &self.fake)
     }
 
     /// Connects workspace `ws` to the fake (provisioning the object), like an admin would.
@@ -310,6 +313,14 @@ impl Fleet {
 
 /// An event whose Status trait carries its version (`v3`), so the final state shows
 /// which version won.
+/// The test env's variables, with the fake's origin allowed (plain http on loopback is
+/// refused unless listed exactly).
+fn fleet_variables(env: &TestEnv, fake: &RunningFake) -> Vec<(&'static str, String)> {
+    let mut pairs = env.config_overrides();
+    pairs.push(("VITALLY_ALLOWED_HOSTS", fake.base_url()));
+    pairs
+}
+
 pub fn versioned(ws: &str, request_id: u64, version: u64) -> RequestChanged {
     let mut event = thena_events::sample::event(ws, request_id, version, Some("alice@acme.com"));
     event.request.status = Some(format!("v{version}"));

@@ -89,10 +89,12 @@ async fn a_long_thread_keeps_its_newest_messages_behind_an_earlier_marker() {
     let mut event = sample::event(WS, 52, 1, Some("alice@acme.com"));
     let start = event.request.created_at;
     event.request.customer_thread = (0..100)
-        .map(|i| ThreadMessage {
-            author: "Harsh".into(),
-            text: format!("message number {i}"),
-            ts: start + chrono::Duration::seconds(i),
+        .map(|i| {
+            ThreadMessage::new(
+                "Harsh",
+                format!("message number {i}"),
+                start + chrono::Duration::seconds(i),
+            )
         })
         .collect();
     fleet.publish(&event).await;

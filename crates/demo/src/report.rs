@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, fmt, time::Duration};
 
 use fake_vitally::{CallCounts, StateDump};
+use thena_events::Source;
 use thena_sync::outcome::Outcome;
 
 use crate::customers::{Expect, Persona};
@@ -12,6 +13,8 @@ use crate::customers::{Expect, Persona};
 #[derive(Debug, Clone)]
 pub struct RequestRow {
     pub request_id: u64,
+    /// The channel it came from.
+    pub source: Source,
     pub persona: Persona,
     pub outcome: Outcome,
     /// Events in its lifecycle (the last version).
@@ -49,6 +52,7 @@ pub struct InstanceView {
 
 /// The traits [`InstanceView`] shows, in this order.
 const SHOWN_TRAITS: &[&str] = &[
+    "Source",
     "Title",
     "Status",
     "Urgency",
@@ -320,12 +324,13 @@ impl fmt::Display for DemoReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let header = [
             "request",
+            "source",
             "case (product doc linking table / domain fallback)",
             "requestor",
             "organization",
             "account / result",
         ];
-        let cells: Vec<[String; 5]> = self
+        let cells: Vec<[String; 6]> = self
             .rows
             .iter()
             .map(|row| {
@@ -336,6 +341,7 @@ impl fmt::Display for DemoReport {
                 };
                 [
                     row.request_id.to_string(),
+                    row.source.as_str().to_string(),
                     row.persona.case.to_string(),
                     row.persona.email.unwrap_or("(no email)").to_string(),
                     org,
@@ -350,7 +356,7 @@ impl fmt::Display for DemoReport {
                 *width = (*width).max(cell.chars().count());
             }
         }
-        let line = |cells: [&str; 5]| {
+        let line = |cells: [&str; 6]| {
             let padded: Vec<String> = cells
                 .iter()
                 .zip(widths)

@@ -30,7 +30,7 @@ use crate::{
     instances::{AfterLostCreate, after_lost_create, choose, create_answer_lost},
     linking::{
         DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
-        link_user, table_row,
+        link_user, table_row, user_external_id,
     },
     metrics::SyncMetrics,
     outcome::{Outcome, Skip},
@@ -1005,19 +1005,57 @@ impl Pipeline {
                 },
             ),
         };
-        if !user_exists {
-            let requestor = &event.request.requestor;
-            // Deterministic: two consumers creating the same requestor upsert one user.
-            let external_id = match requestor.slack_user_id.as_deref() {
-                Some(slack_id) if !slack_id.is_empty() => format!("thena:{ws}:{slack_id}"),
-                Some(_) | None => format!("thena:{ws}:{email}"),
-            };
+        let created = !user_exists
+            && self
+                .create_requestor(session, event, email, &new_user)
+                .await?;
+        let linked = Ok(target);
+        tracer.update(|t| t.link = Some(link_trace(&rule, &linked, created)));
+        Ok(linked)
+    }
+
+    /// Creates the requestor as a Vitally user with `memberships`, once per person for the
+    /// whole fleet: under a lock on the address, and not at all when another consumer has
+    /// created them meanwhile — maybe from another channel, under another externalId — as
+    /// the user cache says (the creator fills it before letting go of the lock). Returns
+    /// whether this call created the user.
+    async fn create_requestor(
+        &self,
+        session: &Session<'_>,
+        event: &RequestChanged,
+        email: &str,
+        memberships: &Memberships,
+    ) -> Result<bool, StepError> {
+        let ws = event.workspace_id.as_str();
+        let key = format!("{ws}:{email}");
+        let Some(lock) = self
+            .guards
+            .lock_named(&format!("user:{key}"), self.settings.lock_wait)
+            .await
+            .map_err(lock_err)?
+        else {
+            return Err(StepError::Busy);
+        };
+        let created = async {
+            if self.cache.peek::<Memberships>("user", &key).await.is_some() {
+                return Ok(false);
+            }
+            let request = &event.request;
             let user = NewUser {
-                external_id,
-                name: requestor.name.clone().unwrap_or_else(|| email.to_string()),
+                external_id: user_external_id(
+                    ws,
+                    request.source,
+                    request.requestor_channel_id(),
+                    email,
+                ),
+                name: request
+                    .requestor
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| email.to_string()),
                 email: email.to_string(),
-                account_ids: new_user.account_ids.clone(),
-                organization_ids: new_user.organization_ids.clone(),
+                account_ids: memberships.account_ids.clone(),
+                organization_ids: memberships.organization_ids.clone(),
             };
             session.call(session.client.create_user(&user)).await?;
             let user_ttl = Ttl {
@@ -1025,12 +1063,13 @@ impl Pipeline {
                 not_found: Some(self.settings.negative_ttl),
             };
             self.cache
-                .put("user", &format!("{ws}:{email}"), Some(&new_user), user_ttl)
+                .put("user", &key, Some(memberships), user_ttl)
                 .await;
+            Ok(true)
         }
-        let linked = Ok(target);
-        tracer.update(|t| t.link = Some(link_trace(&rule, &linked, !user_exists)));
-        Ok(linked)
+        .await;
+        self.guards.release(lock).await;
+        created
     }
 }
 

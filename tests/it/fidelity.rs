@@ -8,17 +8,7 @@ use serde_json::Value;
 use thena_events::{ThreadMessage, sample};
 use thena_testkit::wait_until;
 
-use crate::support::{Fleet, WS};
-
-/// The trait of `instance` whose path ends with `.{key}`.
-fn trait_of(instance: &fake_vitally::Instance, key: &str) -> Option<Value> {
-    let suffix = format!(".{key}");
-    instance
-        .traits
-        .iter()
-        .find(|(k, _)| k.ends_with(&suffix))
-        .map(|(_, v)| v.clone())
-}
+use crate::support::{Fleet, WS, trait_of};
 
 /// Waits until the request's only instance satisfies `check`, and returns it.
 async fn wait_instance(

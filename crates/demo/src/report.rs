@@ -96,6 +96,8 @@ pub struct DemoReport {
     pub rows: Vec<RequestRow>,
     /// Where each synced request's instance is, by request id: (account, organization).
     pub links: BTreeMap<u64, (Option<String>, Option<String>)>,
+    /// Each synced request's Source trait, as Vitally holds it.
+    pub sources: BTreeMap<u64, String>,
     names: BTreeMap<String, String>,
     /// `thena_vitally_events_total` summed over every role: (outcome, reason) → count.
     pub counters: BTreeMap<(String, String), u64>,
@@ -131,7 +133,7 @@ impl DemoReport {
             .instances
             .iter()
             .filter_map(|i| {
-                let id = i.external_id.rsplit(':').next()?.parse().ok()?;
+                let id = request_id(i)?;
                 Some((id, (i.customer_id.clone(), i.organization_id.clone())))
             })
             .collect();
@@ -157,6 +159,7 @@ impl DemoReport {
         Self {
             rows,
             links,
+            sources: sources(dump),
             names,
             counters,
             vitally_calls: calls.by_route.clone(),
@@ -216,12 +219,23 @@ impl DemoReport {
                     }
                     Expect::Skipped(reason) => actual == Actual::Skipped(reason.to_string()),
                 };
-                (!matches).then(|| {
-                    format!(
+                let source = self.sources.get(&row.request_id);
+                let wrong_source = matches!(actual, Actual::Linked(..))
+                    && source.map(String::as_str) != Some(row.source.label());
+                if !matches {
+                    Some(format!(
                         "request {} ({}): got {actual:?}",
                         row.request_id, row.persona.case
-                    )
-                })
+                    ))
+                } else if wrong_source {
+                    Some(format!(
+                        "request {} from {}: Source is {source:?}",
+                        row.request_id,
+                        row.source.label()
+                    ))
+                } else {
+                    None
+                }
             })
             .collect()
     }
@@ -256,7 +270,7 @@ fn instance_view(
     let by_request: BTreeMap<u64, &fake_vitally::Instance> = dump
         .instances
         .iter()
-        .filter_map(|i| Some((i.external_id.rsplit(':').next()?.parse().ok()?, i)))
+        .filter_map(|i| Some((request_id(i)?, i)))
         .collect();
     let synced = rows
         .iter()
@@ -302,6 +316,29 @@ fn instance_view(
         account: name(&instance.customer_id),
         traits,
     })
+}
+
+/// The Thena request id of an instance (its externalId ends with it).
+fn request_id(instance: &fake_vitally::Instance) -> Option<u64> {
+    instance.external_id.rsplit(':').next()?.parse().ok()
+}
+
+/// Each instance's Source trait by request id, read under the path Vitally gave the label.
+fn sources(dump: &StateDump) -> BTreeMap<u64, String> {
+    let paths: Vec<&str> = dump
+        .custom_objects
+        .iter()
+        .flat_map(|o| &o.custom_fields)
+        .filter(|f| f.label == vitally_client::traits::label::SOURCE)
+        .map(|f| f.path.as_str())
+        .collect();
+    dump.instances
+        .iter()
+        .filter_map(|i| {
+            let (_, value) = i.traits.iter().find(|(p, _)| paths.contains(&p.as_str()))?;
+            Some((request_id(i)?, value.as_str()?.to_owned()))
+        })
+        .collect()
 }
 
 fn shorten(text: &str, max: usize) -> String {

@@ -670,18 +670,32 @@ impl Pipeline {
         change: impl Future<Output = Result<T, ConnectError>>,
     ) -> Result<T, StepError> {
         let ws = integration.workspace_id.as_str();
+        self.under_lock(&format!("fields:{ws}"), async {
+            let changed = change.await;
+            self.integrations.invalidate(ws);
+            changed.map_err(connect_step_error)
+        })
+        .await
+    }
+
+    /// Runs `work` holding the fleet-wide lock `name`; busy past `lock_wait`, the event
+    /// is deferred instead.
+    async fn under_lock<T>(
+        &self,
+        name: &str,
+        work: impl Future<Output = Result<T, StepError>>,
+    ) -> Result<T, StepError> {
         let Some(lock) = self
             .guards
-            .lock_named(&format!("fields:{ws}"), self.settings.lock_wait)
+            .lock_named(name, self.settings.lock_wait)
             .await
             .map_err(lock_err)?
         else {
             return Err(StepError::Busy);
         };
-        let changed = change.await;
+        let result = work.await;
         self.guards.release(lock).await;
-        self.integrations.invalidate(ws);
-        changed.map_err(connect_step_error)
+        result
     }
 
     /// Creates a missing category trait once for the whole fleet (idempotent: it
@@ -1028,15 +1042,7 @@ impl Pipeline {
     ) -> Result<bool, StepError> {
         let ws = event.workspace_id.as_str();
         let key = format!("{ws}:{email}");
-        let Some(lock) = self
-            .guards
-            .lock_named(&format!("user:{key}"), self.settings.lock_wait)
-            .await
-            .map_err(lock_err)?
-        else {
-            return Err(StepError::Busy);
-        };
-        let created = async {
+        self.under_lock(&format!("user:{key}"), async {
             if self.cache.peek::<Memberships>("user", &key).await.is_some() {
                 return Ok(false);
             }
@@ -1066,10 +1072,8 @@ impl Pipeline {
                 .put("user", &key, Some(memberships), user_ttl)
                 .await;
             Ok(true)
-        }
-        .await;
-        self.guards.release(lock).await;
-        created
+        })
+        .await
     }
 }
 

@@ -174,21 +174,26 @@ fn check_golden(source: Source) {
     );
 }
 
+/// The Customer Thread trait of `event` with a textarea limit of `limit` characters.
+fn customer_thread_within(event: &RequestChanged, limit: usize) -> String {
+    let fields = vitally_fields(&[]);
+    let opts = MappingOptions {
+        textarea_limit: limit,
+    };
+    let mapped = map_instance(event, &fields, &opts);
+    mapped.traits[&path(&fields, label::CUSTOMER_THREAD)]
+        .as_str()
+        .expect("a customer thread")
+        .to_owned()
+}
+
 #[test]
 fn a_long_thread_keeps_the_newest_messages_after_an_earlier_marker() {
     let mut event = sample::full_event();
     event.request.customer_thread = (0..200)
         .map(|i| msg("Harsh", &format!("message number {i} ✓ ünïcødé"), i))
         .collect();
-    let fields = vitally_fields(&[]);
-    let opts = MappingOptions {
-        textarea_limit: 500,
-    };
-    let mapped = map_instance(&event, &fields, &opts);
-
-    let thread = mapped.traits[&path(&fields, label::CUSTOMER_THREAD)]
-        .as_str()
-        .expect("string");
+    let thread = customer_thread_within(&event, 500);
     let lines: Vec<&str> = thread.lines().collect();
     let kept = lines.len() - 1;
     assert_eq!(lines[0], earlier_marker(200 - kept), "{thread}");
@@ -205,10 +210,15 @@ fn a_long_thread_keeps_the_newest_messages_after_an_earlier_marker() {
     );
     assert!(lines[1].contains(&format!("message number {} ", 200 - kept)));
     // Short textareas are left alone.
-    let title = mapped.traits[&path(&fields, label::TITLE)]
-        .as_str()
-        .expect("string");
-    assert_eq!(title, "SSO login fails for new users");
+    let fields = vitally_fields(&[]);
+    let opts = MappingOptions {
+        textarea_limit: 500,
+    };
+    let mapped = map_instance(&event, &fields, &opts);
+    assert_eq!(
+        mapped.traits[&path(&fields, label::TITLE)],
+        json!("SSO login fails for new users")
+    );
 }
 
 #[test]
@@ -576,14 +586,7 @@ fn a_long_email_thread_keeps_its_newest_messages_after_an_earlier_marker() {
             m
         })
         .collect();
-    let fields = vitally_fields(&[]);
-    let opts = MappingOptions {
-        textarea_limit: 500,
-    };
-    let mapped = map_instance(&event, &fields, &opts);
-    let thread = mapped.traits[&path(&fields, label::CUSTOMER_THREAD)]
-        .as_str()
-        .expect("string");
+    let thread = customer_thread_within(&event, 500);
     let lines: Vec<&str> = thread.lines().collect();
     let kept = lines.len() - 1;
     assert_eq!(lines[0], earlier_marker(200 - kept), "{thread}");

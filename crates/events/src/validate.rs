@@ -85,6 +85,8 @@ const REQUEST_FIELDS: &[&str] = &[
     "custom_fields",
 ];
 const REQUESTOR_FIELDS: &[&str] = &["name", "email", "slack_user_id", "external_id"];
+/// The path of the requestor's id in their channel.
+const ID: &str = "request.requestor.external_id";
 const THREAD_FIELDS: &[&str] = &["author", "text", "ts", "author_email", "subject"];
 const SHORT_STRINGS: &[&str] = &[
     "status",
@@ -314,18 +316,15 @@ impl Validator<'_> {
             if let Some(link) = self.optional_string(&path, request.get(*field), limits.short_text)
                 && !(link.starts_with("https://") || link.starts_with("http://"))
             {
-                // An email is linked by its Message-ID.
-                if *field == "permalink" && source == Some(Source::Email) {
-                    if !is_mid_uri(&link) {
-                        self.push(
-                            path,
-                            format!(
-                                "must be an http(s) URL or a mid: URI (RFC 2392), got {link:?}"
-                            ),
-                        );
-                    }
-                } else {
-                    self.push(path, format!("must be an http(s) URL, got {link:?}"));
+                // An email's own link is its Message-ID.
+                let email_permalink = *field == "permalink" && source == Some(Source::Email);
+                match (email_permalink, is_mid_uri(&link)) {
+                    (true, true) => {}
+                    (true, false) => self.push(
+                        path,
+                        format!("must be an http(s) URL or a mid: URI (RFC 2392), got {link:?}"),
+                    ),
+                    (false, _) => self.push(path, format!("must be an http(s) URL, got {link:?}")),
                 }
             }
         }
@@ -475,37 +474,51 @@ impl Validator<'_> {
             max,
         );
         let email = self.email("request.requestor.email", requestor.get("email"));
-        let external_id = self.optional_string(
-            "request.requestor.external_id",
-            requestor.get("external_id"),
-            max,
-        );
+        let external_id = self.optional_string(ID, requestor.get("external_id"), max);
         if external_id
             .as_deref()
             .is_some_and(|id| id.trim().is_empty())
         {
-            self.push("request.requestor.external_id", "must not be blank");
+            self.push(ID, "must not be blank");
         }
-        let external_id = external_id.filter(|id| !id.trim().is_empty());
-        // The requestor's id must not contradict the channel's own identity.
-        let differs = |other: Option<&str>, same: fn(&str, &str) -> bool| matches!((external_id.as_deref(), other), (Some(id), Some(o)) if !same(id, o));
-        match source {
-            Some(Source::Email) if requestor.get("email").is_none_or(Value::is_null) => self.push(
+        if let Some(source) = source {
+            let email_given = requestor.get("email").is_some_and(|e| !e.is_null());
+            self.channel_identity(
+                source,
+                email_given,
+                email.as_deref(),
+                slack_id.as_deref(),
+                external_id.as_deref().filter(|id| !id.trim().is_empty()),
+            );
+        }
+    }
+
+    /// An email request needs the address, and the requestor's id must not contradict
+    /// the channel's own identity.
+    fn channel_identity(
+        &mut self,
+        source: Source,
+        email_given: bool,
+        email: Option<&str>,
+        slack_id: Option<&str>,
+        external_id: Option<&str>,
+    ) {
+        match (source, external_id) {
+            (Source::Email, _) if !email_given => self.push(
                 "request.requestor.email",
                 "is required for an email request (request.source \"email\")",
             ),
-            Some(Source::Email) if differs(email.as_deref(), |a, b| a.eq_ignore_ascii_case(b)) => {
-                self.push(
-                    "request.requestor.external_id",
+            (Source::Email, Some(id)) if email.is_some_and(|e| !e.eq_ignore_ascii_case(id)) => self
+                .push(
+                    ID,
                     "differs from request.requestor.email: an email requestor's id is the address",
-                )
-            }
-            Some(Source::Slack) if differs(slack_id.as_deref(), |a, b| a == b) => self.push(
-                "request.requestor.external_id",
+                ),
+            (Source::Slack, Some(id)) if slack_id.is_some_and(|s| s != id) => self.push(
+                ID,
                 "differs from request.requestor.slack_user_id: a Slack requestor's id is the \
                  Slack user id",
             ),
-            Some(_) | None => {}
+            (Source::Slack | Source::Email | Source::Web | Source::MsTeams, _) => {}
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use fake_vitally::{Fault, FaultKind, Instance};
 use serde_json::{Value, json};
 use thena_events::{RequestChanged, Source, sample};
-use thena_testkit::wait_until;
+use thena_testkit::{TestEnv, wait_until};
 
 use crate::support::{Fleet, WS, trait_of};
 
@@ -317,6 +317,56 @@ async fn the_same_new_person_by_slack_and_by_email_at_once_is_created_once() {
         let instance = instance(&fleet, id).await;
         assert_eq!(instance.customer_id.as_deref(), Some("acc-initech"), "{id}");
     }
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_whose_creation_answer_was_lost_is_not_created_again_from_another_channel() {
+    // Retries wait 4 s, long enough for the email request to come first.
+    let env = TestEnv::with_tiers(vec![Duration::from_secs(4)]);
+    let mut fleet = Fleet::start_in(env, Default::default(), &[("VITALLY_TIMEOUT", "1s")]).await;
+    fleet.connect(WS, |_| {}).await;
+    // Vitally applies the Slack request's user creation but answers too late: the consumer
+    // does not know the user exists, and its lookup cached "not found".
+    fleet.fake.inject(Fault::NextN {
+        method: Some("POST".into()),
+        path_prefix: "/resources/users".into(),
+        count: 1,
+        kind: FaultKind::AnswerLate(Duration::from_millis(2_500)),
+    });
+    let xena = "xena@initech.com";
+    fleet.spawn_consumer().await;
+    fleet.spawn_replayer().await;
+    fleet
+        .publish(&raised(Source::Slack, 361, Some(xena), None))
+        .await;
+    wait_until(
+        "the create applied, its answer lost",
+        Duration::from_secs(20),
+        || async {
+            let lost = fleet.count("retried", Some("vitally_timeout")) >= 1;
+            (lost && users_with_email(&fleet, xena).len() == 1).then_some(())
+        },
+    )
+    .await;
+
+    // Her email arrives while the Slack request waits for its retry.
+    fleet
+        .publish(&raised(Source::Email, 362, Some(xena), None))
+        .await;
+    let by_email = instance(&fleet, 362).await;
+    assert_eq!(by_email.customer_id.as_deref(), Some("acc-initech"));
+    let users = users_with_email(&fleet, xena);
+    assert_eq!(
+        users.len(),
+        1,
+        "not created again under her address: {users:?}"
+    );
+    assert_eq!(users[0].external_id, "thena:T-ACME:U361");
+
+    let by_slack = instance(&fleet, 361).await;
+    assert_eq!(by_slack.customer_id.as_deref(), Some("acc-initech"));
+    assert_eq!(users_with_email(&fleet, xena).len(), 1);
     fleet.stop().await;
 }
 

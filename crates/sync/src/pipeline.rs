@@ -1029,10 +1029,12 @@ impl Pipeline {
     }
 
     /// Creates the requestor as a Vitally user with `memberships`, once per person for the
-    /// whole fleet: under a lock on the address, and not at all when another consumer has
-    /// created them meanwhile — maybe from another channel, under another externalId — as
-    /// the user cache says (the creator fills it before letting go of the lock). Returns
-    /// whether this call created the user.
+    /// whole fleet: under a lock on the address, and not at all when they exist by now —
+    /// maybe from another channel, under another externalId. The user cache says so when
+    /// this fleet created them (the creator fills it before letting go of the lock, and
+    /// Vitally's search may lag); else Vitally, asked by email, since the earlier lookup
+    /// may have been a cached "not found" and a create whose answer was lost may have been
+    /// applied. Returns whether this call created the user.
     async fn create_requestor(
         &self,
         session: &Session<'_>,
@@ -1044,6 +1046,17 @@ impl Pipeline {
         let key = format!("{ws}:{email}");
         self.under_lock(&format!("user:{key}"), async {
             if self.cache.peek::<Memberships>("user", &key).await.is_some() {
+                return Ok(false);
+            }
+            let user_ttl = Ttl {
+                found: self.settings.user_ttl,
+                not_found: Some(self.settings.negative_ttl),
+            };
+            let found = session.call(session.client.users_by_email(email)).await?;
+            if let Some(existing) = merge_memberships(&found) {
+                self.cache
+                    .put("user", &key, Some(&existing), user_ttl)
+                    .await;
                 return Ok(false);
             }
             let request = &event.request;
@@ -1064,10 +1077,6 @@ impl Pipeline {
                 organization_ids: memberships.organization_ids.clone(),
             };
             session.call(session.client.create_user(&user)).await?;
-            let user_ttl = Ttl {
-                found: self.settings.user_ttl,
-                not_found: Some(self.settings.negative_ttl),
-            };
             self.cache
                 .put("user", &key, Some(memberships), user_ttl)
                 .await;

@@ -14,6 +14,21 @@ async fn the_demo_puts_every_request_where_the_linking_rules_say() {
     println!("{text}");
     assert_eq!(report.rows.len(), PERSONAS.len());
     assert!(report.mismatches().is_empty(), "{:?}", report.mismatches());
+    // Requests from every channel; each synced one says where it came from.
+    let sources: std::collections::BTreeSet<_> = report.rows.iter().map(|r| r.source).collect();
+    assert_eq!(sources.len(), 4, "{sources:?}");
+    let synced = report
+        .rows
+        .iter()
+        .filter(|r| matches!(r.outcome, thena_sync::outcome::Outcome::Synced { .. }));
+    for row in synced {
+        assert_eq!(
+            report.sources.get(&row.request_id).map(String::as_str),
+            Some(row.source.label()),
+            "request {}",
+            row.request_id
+        );
+    }
     let retried: u64 = report
         .counters
         .iter()
@@ -51,7 +66,7 @@ async fn the_demo_puts_every_request_where_the_linking_rules_say() {
     assert_eq!(instance.organization.as_deref(), Some("Acme Corp"));
     assert_eq!(instance.account.as_deref(), Some("Acme EU"));
     let traits: Vec<&str> = instance.traits.iter().map(|(l, _)| l.as_str()).collect();
-    for label in ["Title", "Status", "Requestor"] {
+    for label in ["Source", "Title", "Status", "Requestor"] {
         assert!(traits.contains(&label), "{traits:?}");
     }
     assert!(
@@ -73,6 +88,11 @@ async fn the_demo_puts_every_request_where_the_linking_rules_say() {
 
     // Each column starts at the same place on every row (request 111 included).
     let header = text.lines().find(|l| l.starts_with("request  ")).unwrap();
+    assert!(header.starts_with("request  source  "), "{header}");
+    assert!(
+        text.contains("\n101      slack     1 org × 1 account"),
+        "{text}"
+    );
     let column = header.find("requestor").unwrap();
     for row in text
         .lines()

@@ -8,17 +8,7 @@ use serde_json::Value;
 use thena_events::{ThreadMessage, sample};
 use thena_testkit::wait_until;
 
-use crate::support::{Fleet, WS};
-
-/// The trait of `instance` whose path ends with `.{key}`.
-fn trait_of(instance: &fake_vitally::Instance, key: &str) -> Option<Value> {
-    let suffix = format!(".{key}");
-    instance
-        .traits
-        .iter()
-        .find(|(k, _)| k.ends_with(&suffix))
-        .map(|(_, v)| v.clone())
-}
+use crate::support::{Fleet, WS, trait_of};
 
 /// Waits until the request's only instance satisfies `check`, and returns it.
 async fn wait_instance(
@@ -89,10 +79,12 @@ async fn a_long_thread_keeps_its_newest_messages_behind_an_earlier_marker() {
     let mut event = sample::event(WS, 52, 1, Some("alice@acme.com"));
     let start = event.request.created_at;
     event.request.customer_thread = (0..100)
-        .map(|i| ThreadMessage {
-            author: "Harsh".into(),
-            text: format!("message number {i}"),
-            ts: start + chrono::Duration::seconds(i),
+        .map(|i| {
+            ThreadMessage::new(
+                "Harsh",
+                format!("message number {i}"),
+                start + chrono::Duration::seconds(i),
+            )
         })
         .collect();
     fleet.publish(&event).await;

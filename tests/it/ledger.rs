@@ -285,7 +285,9 @@ async fn explain_narrates_each_step_against_live_vitally_and_writes_nothing() {
     assert!(ok, "{explained}");
     for step in [
         "user newbie@initech.com: not in Vitally",
-        "domain fallback: one account, acc-initech (the requestor would be created there as a user)",
+        // sample::event is a Slack request by U5000: the user's externalId is that id.
+        "domain fallback: one account, acc-initech (the requestor would be created there as \
+         user thena:T-ACME:U5000)",
         "would create instance thena:T-ACME:5000",
     ] {
         assert!(explained.contains(step), "missing {step:?} in {explained}");

@@ -49,6 +49,31 @@ impl Consumer {
     }
 }
 
+/// The producer role (ingest API) of a fleet.
+pub struct Producer {
+    /// `http://127.0.0.1:port`.
+    pub base_url: String,
+    pub token: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Producer {
+    /// `POST /v1/events` with `body`; the status and the JSON answer.
+    pub async fn post_events(&self, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/events", self.base_url))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .expect("the producer answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or_default())
+    }
+}
+
 pub struct Fleet {
     pub env: TestEnv,
     pub fake: RunningFake,
@@ -61,6 +86,7 @@ pub struct Fleet {
     replayers: Vec<Consumer>,
     /// Registries of consumers that were stopped or killed, so their counts still add up.
     retired: Vec<Registry>,
+    producers: Vec<Producer>,
     /// When each (workspace, request) was first published: its `occurred_at`.
     published: Mutex<HashMap<(String, u64), DateTime<Utc>>>,
 }
@@ -108,6 +134,7 @@ impl Fleet {
             consumers: Vec::new(),
             replayers: Vec::new(),
             retired: Vec::new(),
+            producers: Vec::new(),
             published: Mutex::default(),
         }
     }
@@ -184,6 +211,31 @@ impl Fleet {
             shutdown,
             task,
         });
+    }
+
+    /// Starts the producer role (needs `PRODUCER_TOKEN` among the overrides) and returns
+    /// it; it stops with the fleet.
+    pub async fn spawn_producer(&mut self) -> &Producer {
+        let token = self
+            .config
+            .require_producer_token()
+            .expect("PRODUCER_TOKEN in the fleet's overrides");
+        let state = thena_producer::from_config(&self.config, &Registry::new(), Readiness::new())
+            .await
+            .expect("producer");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let base_url = format!("http://{}", listener.local_addr().expect("bound"));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(thena_producer::run(listener, state, shutdown.clone()));
+        self.producers.push(Producer {
+            base_url,
+            token: secrecy::ExposeSecret::expose_secret(&token).to_owned(),
+            shutdown,
+            task,
+        });
+        self.producers.last().expect("just pushed")
     }
 
     /// Takes the most recently started consumer out of the fleet (to stop or kill it).
@@ -303,6 +355,14 @@ impl Fleet {
     }
 
     pub async fn stop(mut self) {
+        for producer in self.producers.drain(..) {
+            producer.shutdown.cancel();
+            producer
+                .task
+                .await
+                .expect("producer task")
+                .expect("producer run");
+        }
         for consumer in self.consumers.drain(..).chain(self.replayers.drain(..)) {
             consumer.stop().await;
         }
@@ -354,10 +414,18 @@ pub async fn wait_all_at(fleet: &Fleet, ids: &[u64], version: u64, deadline: Dur
 
 /// The instance's Status trait (the tests write the version into it), or "" without one.
 pub fn status_of(instance: &fake_vitally::Instance) -> String {
+    trait_of(instance, "status")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The trait of `instance` whose path ends with `.{key}` (the fake's path for a label,
+/// e.g. `customerThread`).
+pub fn trait_of(instance: &fake_vitally::Instance, key: &str) -> Option<serde_json::Value> {
+    let suffix = format!(".{key}");
     instance
         .traits
         .iter()
-        .find(|(k, _)| k.ends_with(".status"))
-        .and_then(|(_, v)| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+        .find(|(k, _)| k.ends_with(&suffix))
+        .map(|(_, v)| v.clone())
 }

@@ -20,7 +20,7 @@ use chrono::Utc;
 use fake_vitally::{FakeConfig, FakeVitally, Fault, FaultKind, RunningFake};
 use secrecy::{ExposeSecret, SecretString};
 use thena_broker::Topology;
-use thena_events::Change;
+use thena_events::{Change, Source};
 use thena_producer::emit::{Persona, Scenario, default_categories, emit_http};
 use thena_runtime::{Config, ops};
 use thena_sync::{outcome::Outcome, worker::Settled};
@@ -249,6 +249,8 @@ async fn drive(
     let scenario = Scenario {
         workspace_id: WORKSPACE.into(),
         personas,
+        // Every channel in turn: each linking case is shown from some channel.
+        sources: Source::ALL.to_vec(),
         requests: customers::PERSONAS.len() as u64,
         first_request_id: 101,
         steps: options.steps.max(3),
@@ -363,6 +365,7 @@ async fn drive(
                 let request_id = 101 + i as u64;
                 RequestRow {
                     request_id,
+                    source: scenario.source_of(i as u64),
                     persona: *persona,
                     outcome: finals[&request_id].clone(),
                     versions: last_version[&request_id],

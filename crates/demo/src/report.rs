@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, fmt, time::Duration};
 
 use fake_vitally::{CallCounts, StateDump};
+use thena_events::Source;
 use thena_sync::outcome::Outcome;
 
 use crate::customers::{Expect, Persona};
@@ -12,6 +13,8 @@ use crate::customers::{Expect, Persona};
 #[derive(Debug, Clone)]
 pub struct RequestRow {
     pub request_id: u64,
+    /// The channel it came from.
+    pub source: Source,
     pub persona: Persona,
     pub outcome: Outcome,
     /// Events in its lifecycle (the last version).
@@ -49,6 +52,7 @@ pub struct InstanceView {
 
 /// The traits [`InstanceView`] shows, in this order.
 const SHOWN_TRAITS: &[&str] = &[
+    "Source",
     "Title",
     "Status",
     "Urgency",
@@ -92,6 +96,8 @@ pub struct DemoReport {
     pub rows: Vec<RequestRow>,
     /// Where each synced request's instance is, by request id: (account, organization).
     pub links: BTreeMap<u64, (Option<String>, Option<String>)>,
+    /// Each synced request's Source trait, as Vitally holds it.
+    pub sources: BTreeMap<u64, String>,
     names: BTreeMap<String, String>,
     /// `thena_vitally_events_total` summed over every role: (outcome, reason) → count.
     pub counters: BTreeMap<(String, String), u64>,
@@ -127,7 +133,7 @@ impl DemoReport {
             .instances
             .iter()
             .filter_map(|i| {
-                let id = i.external_id.rsplit(':').next()?.parse().ok()?;
+                let id = request_id(i)?;
                 Some((id, (i.customer_id.clone(), i.organization_id.clone())))
             })
             .collect();
@@ -153,6 +159,7 @@ impl DemoReport {
         Self {
             rows,
             links,
+            sources: sources(dump),
             names,
             counters,
             vitally_calls: calls.by_route.clone(),
@@ -212,12 +219,23 @@ impl DemoReport {
                     }
                     Expect::Skipped(reason) => actual == Actual::Skipped(reason.to_string()),
                 };
-                (!matches).then(|| {
-                    format!(
+                let source = self.sources.get(&row.request_id);
+                let wrong_source = matches!(actual, Actual::Linked(..))
+                    && source.map(String::as_str) != Some(row.source.label());
+                if !matches {
+                    Some(format!(
                         "request {} ({}): got {actual:?}",
                         row.request_id, row.persona.case
-                    )
-                })
+                    ))
+                } else if wrong_source {
+                    Some(format!(
+                        "request {} from {}: Source is {source:?}",
+                        row.request_id,
+                        row.source.label()
+                    ))
+                } else {
+                    None
+                }
             })
             .collect()
     }
@@ -252,7 +270,7 @@ fn instance_view(
     let by_request: BTreeMap<u64, &fake_vitally::Instance> = dump
         .instances
         .iter()
-        .filter_map(|i| Some((i.external_id.rsplit(':').next()?.parse().ok()?, i)))
+        .filter_map(|i| Some((request_id(i)?, i)))
         .collect();
     let synced = rows
         .iter()
@@ -300,6 +318,29 @@ fn instance_view(
     })
 }
 
+/// The Thena request id of an instance (its externalId ends with it).
+fn request_id(instance: &fake_vitally::Instance) -> Option<u64> {
+    instance.external_id.rsplit(':').next()?.parse().ok()
+}
+
+/// Each instance's Source trait by request id, read under the path Vitally gave the label.
+fn sources(dump: &StateDump) -> BTreeMap<u64, String> {
+    let paths: Vec<&str> = dump
+        .custom_objects
+        .iter()
+        .flat_map(|o| &o.custom_fields)
+        .filter(|f| f.label == vitally_client::traits::label::SOURCE)
+        .map(|f| f.path.as_str())
+        .collect();
+    dump.instances
+        .iter()
+        .filter_map(|i| {
+            let (_, value) = i.traits.iter().find(|(p, _)| paths.contains(&p.as_str()))?;
+            Some((request_id(i)?, value.as_str()?.to_owned()))
+        })
+        .collect()
+}
+
 fn shorten(text: &str, max: usize) -> String {
     let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if one_line.chars().count() <= max {
@@ -320,12 +361,13 @@ impl fmt::Display for DemoReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let header = [
             "request",
+            "source",
             "case (product doc linking table / domain fallback)",
             "requestor",
             "organization",
             "account / result",
         ];
-        let cells: Vec<[String; 5]> = self
+        let cells: Vec<[String; 6]> = self
             .rows
             .iter()
             .map(|row| {
@@ -336,6 +378,7 @@ impl fmt::Display for DemoReport {
                 };
                 [
                     row.request_id.to_string(),
+                    row.source.as_str().to_string(),
                     row.persona.case.to_string(),
                     row.persona.email.unwrap_or("(no email)").to_string(),
                     org,
@@ -350,7 +393,7 @@ impl fmt::Display for DemoReport {
                 *width = (*width).max(cell.chars().count());
             }
         }
-        let line = |cells: [&str; 5]| {
+        let line = |cells: [&str; 6]| {
             let padded: Vec<String> = cells
                 .iter()
                 .zip(widths)

@@ -8,7 +8,7 @@ mod validate;
 
 pub mod sample;
 
-pub use model::{Change, Request, RequestChanged, Requestor, SCHEMA_V1, ThreadMessage};
+pub use model::{Change, Request, RequestChanged, Requestor, SCHEMA_V1, Source, ThreadMessage};
 pub use validate::{
     Limits, Problem, ValidationError, kind as json_kind, parse_event, parse_value, validate_value,
 };

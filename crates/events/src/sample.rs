@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, TimeZone, Utc};
 use uuid::Uuid;
 
-use crate::model::{Change, Request, RequestChanged, Requestor, SCHEMA_V1, ThreadMessage};
+use crate::model::{Change, Request, RequestChanged, Requestor, SCHEMA_V1, Source, ThreadMessage};
 
 fn at(secs: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_795_000_000 + secs, 0)
@@ -30,6 +30,7 @@ pub fn full_event() -> RequestChanged {
         request: Request {
             id: 135,
             version: 7,
+            source: Source::Slack,
             title: Some("SSO login fails for new users".into()),
             summary: Some("New users cannot log in through Okta since Monday.".into()),
             message_text: Some("Hi team, our new hires cannot log in with SSO.".into()),
@@ -40,22 +41,18 @@ pub fn full_event() -> RequestChanged {
             assigned_to: Some("Jane Doe".into()),
             csat: Some("4 - Good".into()),
             customer_thread: vec![
-                ThreadMessage {
-                    author: "Harsh".into(),
-                    text: "Hi team, our new hires cannot log in with SSO.".into(),
-                    ts: at(0),
-                },
-                ThreadMessage {
-                    author: "Jane Doe".into(),
-                    text: "Looking into it now.".into(),
-                    ts: at_ms(120, 250),
-                },
+                ThreadMessage::new(
+                    "Harsh",
+                    "Hi team, our new hires cannot log in with SSO.",
+                    at(0),
+                ),
+                ThreadMessage::new("Jane Doe", "Looking into it now.", at_ms(120, 250)),
             ],
-            internal_thread: vec![ThreadMessage {
-                author: "Jane Doe".into(),
-                text: "Okta metadata expired, rotating.".into(),
-                ts: at(300),
-            }],
+            internal_thread: vec![ThreadMessage::new(
+                "Jane Doe",
+                "Okta metadata expired, rotating.",
+                at(300),
+            )],
             permalink: Some("https://acme.slack.com/archives/C1/p1".into()),
             internal_notification_link: Some("https://acme.slack.com/archives/C9/p2".into()),
             web_link: Some("https://app.thena.ai/requests/135".into()),
@@ -67,10 +64,73 @@ pub fn full_event() -> RequestChanged {
                 name: Some("Harsh".into()),
                 email: Some("harsh@thena.ai".into()),
                 slack_user_id: Some("U123".into()),
+                external_id: Some("U123".into()),
             },
             custom_fields: BTreeMap::from([("Product".into(), "Request Management".into())]),
         },
     }
+}
+
+/// [`full_event`] as raised in `source`: the channel's own permalink, requestor id and
+/// customer thread (an email exchange with subjects and addresses, a Teams post with its
+/// subject). The triage side (internal thread and link) stays in Slack.
+pub fn full_event_from(source: Source) -> RequestChanged {
+    let mut event = full_event();
+    let request = &mut event.request;
+    request.source = source;
+    let requestor = &mut request.requestor;
+    let harsh = |text: &str| ThreadMessage::new("Harsh", text, at(0));
+    let jane = |text: &str| ThreadMessage::new("Jane Doe", text, at_ms(120, 250));
+    match source {
+        Source::Slack => {}
+        Source::Email => {
+            request.permalink = Some("mid:CAF=135.1795000000@mail.thena.ai".into());
+            requestor.slack_user_id = None;
+            requestor.external_id = None;
+            request.customer_thread = vec![
+                ThreadMessage {
+                    author_email: Some("harsh@thena.ai".into()),
+                    subject: Some("SSO login fails for new users".into()),
+                    ..harsh(
+                        "Hi team,\r\n\r\nour new hires cannot log in with SSO.\r\n\r\nHarsh\r\n",
+                    )
+                },
+                ThreadMessage {
+                    author_email: Some("jane@support.acme.io".into()),
+                    subject: Some("RE: SSO login fails for new users".into()),
+                    ..jane(
+                        "Looking into it now.\r\n\r\nOn Wed, 18 Nov 2026 at 11:06, Harsh \
+                         <harsh@thena.ai> wrote:\r\n> Hi team,\r\n>\r\n> our new hires cannot log \
+                         in with SSO.\r\n",
+                    )
+                },
+            ];
+        }
+        Source::MsTeams => {
+            request.permalink = Some(
+                "https://teams.microsoft.com/l/message/19:c0ffee@thread.tacv2/1795000000000".into(),
+            );
+            requestor.slack_user_id = None;
+            requestor.external_id = Some("8f6c2e1a-5b7d-4e0f-9a3c-2d1b0e9f8a7c".into());
+            request.customer_thread = vec![
+                ThreadMessage {
+                    subject: Some("SSO login fails for new users".into()),
+                    ..harsh("Hi team, our new hires cannot log in with SSO.")
+                },
+                jane("Looking into it now."),
+            ];
+        }
+        Source::Web => {
+            request.permalink = Some("https://help.thena.ai/contact?request=135".into());
+            requestor.slack_user_id = None;
+            requestor.external_id = Some("portal-user-42".into());
+            request.customer_thread = vec![
+                harsh("Hi team, our new hires cannot log in with SSO."),
+                jane("Looking into it now."),
+            ];
+        }
+    }
+    event
 }
 
 /// A minimal valid event for `workspace`/`request_id` at `version`, raised by `email`.
@@ -94,6 +154,7 @@ pub fn event(
         request: Request {
             id: request_id,
             version,
+            source: Source::Slack,
             title: Some(format!("Request {request_id}")),
             summary: None,
             message_text: Some("Something is not working".into()),
@@ -116,6 +177,7 @@ pub fn event(
                 name: email.map(|e| e.split('@').next().unwrap_or(e).to_string()),
                 email: email.map(str::to_string),
                 slack_user_id: Some(format!("U{request_id}")),
+                external_id: None,
             },
             custom_fields: BTreeMap::new(),
         },

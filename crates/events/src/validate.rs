@@ -6,7 +6,7 @@ use std::fmt;
 use chrono::{DateTime, Datelike};
 use serde_json::{Map, Value};
 
-use crate::model::{RequestChanged, SCHEMA_V1};
+use crate::model::{RequestChanged, SCHEMA_V1, Source};
 
 /// One thing wrong with an event.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -62,6 +62,7 @@ const TOP_FIELDS: &[&str] = &[
 const REQUEST_FIELDS: &[&str] = &[
     "id",
     "version",
+    "source",
     "title",
     "summary",
     "message_text",
@@ -83,8 +84,10 @@ const REQUEST_FIELDS: &[&str] = &[
     "requestor",
     "custom_fields",
 ];
-const REQUESTOR_FIELDS: &[&str] = &["name", "email", "slack_user_id"];
-const THREAD_FIELDS: &[&str] = &["author", "text", "ts"];
+const REQUESTOR_FIELDS: &[&str] = &["name", "email", "slack_user_id", "external_id"];
+/// The path of the requestor's id in their channel.
+const ID: &str = "request.requestor.external_id";
+const THREAD_FIELDS: &[&str] = &["author", "text", "ts", "author_email", "subject"];
 const SHORT_STRINGS: &[&str] = &[
     "status",
     "urgency",
@@ -293,6 +296,7 @@ impl Validator<'_> {
         self.unknown_fields("request", request, REQUEST_FIELDS);
         self.unsigned("request.id", request.get("id"), true);
         self.unsigned("request.version", request.get("version"), false);
+        let source = self.source(request.get("source"));
         for field in SHORT_STRINGS {
             self.optional_string(
                 &format!("request.{field}"),
@@ -312,7 +316,16 @@ impl Validator<'_> {
             if let Some(link) = self.optional_string(&path, request.get(*field), limits.short_text)
                 && !(link.starts_with("https://") || link.starts_with("http://"))
             {
-                self.push(path, format!("must be an http(s) URL, got {link:?}"));
+                // An email's own link is its Message-ID.
+                let email_permalink = *field == "permalink" && source == Some(Source::Email);
+                match (email_permalink, is_mid_uri(&link)) {
+                    (true, true) => {}
+                    (true, false) => self.push(
+                        path,
+                        format!("must be an http(s) URL or a mid: URI (RFC 2392), got {link:?}"),
+                    ),
+                    (false, _) => self.push(path, format!("must be an http(s) URL, got {link:?}")),
+                }
             }
         }
         self.timestamp("request.created_at", request.get("created_at"), true);
@@ -324,7 +337,7 @@ impl Validator<'_> {
         self.thread("request.internal_thread", request.get("internal_thread"));
         match request.get("requestor") {
             None => self.push("request.requestor", "is required"),
-            Some(requestor) => self.requestor(requestor),
+            Some(requestor) => self.requestor(requestor, source),
         }
         self.custom_fields(request.get("custom_fields"));
     }
@@ -420,26 +433,104 @@ impl Validator<'_> {
                 self.limits.long_text,
             );
             self.timestamp(&format!("{at}.ts"), message.get("ts"), true);
+            self.optional_string(
+                &format!("{at}.subject"),
+                message.get("subject"),
+                self.limits.short_text,
+            );
+            self.email(&format!("{at}.author_email"), message.get("author_email"));
         }
     }
 
-    fn requestor(&mut self, value: &Value) {
+    /// `request.source`; absent is Slack (a revision 1.0 event). `None` when invalid.
+    fn source(&mut self, value: Option<&Value>) -> Option<Source> {
+        let Some(value) = value else {
+            return Some(Source::Slack);
+        };
+        let source = value.as_str().and_then(Source::parse);
+        if source.is_none() {
+            let names: Vec<String> = Source::ALL
+                .iter()
+                .map(|s| format!("{:?}", s.as_str()))
+                .collect();
+            self.push(
+                "request.source",
+                format!("must be one of {}; got {value}", names.join(", ")),
+            );
+        }
+        source
+    }
+
+    fn requestor(&mut self, value: &Value, source: Option<Source>) {
         let Some(requestor) = self.object("request.requestor", value) else {
             return;
         };
         self.unknown_fields("request.requestor", requestor, REQUESTOR_FIELDS);
         let max = self.limits.short_text;
         self.optional_string("request.requestor.name", requestor.get("name"), max);
-        self.optional_string(
+        let slack_id = self.optional_string(
             "request.requestor.slack_user_id",
             requestor.get("slack_user_id"),
             max,
         );
-        if let Some(email) =
-            self.optional_string("request.requestor.email", requestor.get("email"), 254)
-            && let Err(why) = check_email(&email)
+        let email = self.email("request.requestor.email", requestor.get("email"));
+        let external_id = self.optional_string(ID, requestor.get("external_id"), max);
+        if external_id
+            .as_deref()
+            .is_some_and(|id| id.trim().is_empty())
         {
-            self.push("request.requestor.email", format!("{why}, got {email:?}"));
+            self.push(ID, "must not be blank");
+        }
+        if let Some(source) = source {
+            let email_given = requestor.get("email").is_some_and(|e| !e.is_null());
+            self.channel_identity(
+                source,
+                email_given,
+                email.as_deref(),
+                slack_id.as_deref(),
+                external_id.as_deref().filter(|id| !id.trim().is_empty()),
+            );
+        }
+    }
+
+    /// An email request needs the address, and the requestor's id must not contradict
+    /// the channel's own identity.
+    fn channel_identity(
+        &mut self,
+        source: Source,
+        email_given: bool,
+        email: Option<&str>,
+        slack_id: Option<&str>,
+        external_id: Option<&str>,
+    ) {
+        match (source, external_id) {
+            (Source::Email, _) if !email_given => self.push(
+                "request.requestor.email",
+                "is required for an email request (request.source \"email\")",
+            ),
+            (Source::Email, Some(id)) if email.is_some_and(|e| !e.eq_ignore_ascii_case(id)) => self
+                .push(
+                    ID,
+                    "differs from request.requestor.email: an email requestor's id is the address",
+                ),
+            (Source::Slack, Some(id)) if slack_id.is_some_and(|s| s != id) => self.push(
+                ID,
+                "differs from request.requestor.slack_user_id: a Slack requestor's id is the \
+                 Slack user id",
+            ),
+            (Source::Slack | Source::Email | Source::Web | Source::MsTeams, _) => {}
+        }
+    }
+
+    /// An optional email address at `path`; the address when it is one.
+    fn email(&mut self, path: &str, value: Option<&Value>) -> Option<String> {
+        let email = self.optional_string(path, value, 254)?;
+        match check_email(&email) {
+            Ok(()) => Some(email),
+            Err(why) => {
+                self.push(path, format!("{why}, got {email:?}"));
+                None
+            }
         }
     }
 
@@ -484,6 +575,16 @@ fn check_email(email: &str) -> Result<(), &'static str> {
         return Err("must have a domain like example.com");
     }
     Ok(())
+}
+
+/// `mid:` and a Message-ID without its angle brackets (RFC 2392), e.g. `mid:abc@host`.
+fn is_mid_uri(link: &str) -> bool {
+    link.strip_prefix("mid:").is_some_and(|id| {
+        id.contains('@')
+            && !id
+                .chars()
+                .any(|c| c.is_whitespace() || c == '<' || c == '>')
+    })
 }
 
 fn join(prefix: &str, key: &str) -> String {

@@ -1,6 +1,6 @@
 use serde_json::{Value, json};
 use thena_events::{
-    Limits, SCHEMA_V1, decode_event, json_schema, parse_event, parse_value, sample,
+    Limits, SCHEMA_V1, Source, decode_event, json_schema, parse_event, parse_value, sample,
 };
 
 fn valid() -> Value {
@@ -169,6 +169,72 @@ fn each_bad_input_is_rejected_with_a_precise_message() {
             "event_id: must be a UUID string when present",
         ),
         (
+            "unknown source",
+            Box::new(|e| e["request"]["source"] = json!("fax")),
+            "request.source: must be one of \"slack\", \"email\", \"web\", \"ms_teams\"; got \"fax\"",
+        ),
+        (
+            "null source",
+            Box::new(|e| e["request"]["source"] = Value::Null),
+            "request.source: must be one of \"slack\", \"email\", \"web\", \"ms_teams\"; got null",
+        ),
+        (
+            "source in capitals",
+            Box::new(|e| e["request"]["source"] = json!("Email")),
+            "request.source: must be one of",
+        ),
+        (
+            "email request without an address",
+            Box::new(|e| {
+                e["request"]["source"] = json!("email");
+                e["request"]["requestor"]["email"] = Value::Null;
+                e["request"]["permalink"] = Value::Null;
+            }),
+            "request.requestor.email: is required for an email request (request.source \"email\")",
+        ),
+        (
+            "email request whose id is another address",
+            Box::new(|e| {
+                e["request"]["source"] = json!("email");
+                e["request"]["requestor"]["external_id"] = json!("other@thena.ai");
+            }),
+            "request.requestor.external_id: differs from request.requestor.email",
+        ),
+        (
+            "slack request whose id is not the slack user id",
+            Box::new(|e| e["request"]["requestor"]["external_id"] = json!("U999")),
+            "request.requestor.external_id: differs from request.requestor.slack_user_id",
+        ),
+        (
+            "blank requestor id",
+            Box::new(|e| e["request"]["requestor"]["external_id"] = json!(" ")),
+            "request.requestor.external_id: must not be blank",
+        ),
+        (
+            "mid link on a slack request",
+            Box::new(|e| e["request"]["permalink"] = json!("mid:a@b.c")),
+            "request.permalink: must be an http(s) URL, got \"mid:a@b.c\"",
+        ),
+        (
+            "email permalink that is no message id",
+            Box::new(|e| {
+                e["request"]["source"] = json!("email");
+                e["request"]["requestor"]["external_id"] = Value::Null;
+                e["request"]["permalink"] = json!("mid:<a@b.c>");
+            }),
+            "request.permalink: must be an http(s) URL or a mid: URI (RFC 2392), got \"mid:<a@b.c>\"",
+        ),
+        (
+            "thread author address",
+            Box::new(|e| e["request"]["customer_thread"][0]["author_email"] = json!("harsh")),
+            "request.customer_thread[0].author_email: must be an email address, got \"harsh\"",
+        ),
+        (
+            "thread subject not a string",
+            Box::new(|e| e["request"]["customer_thread"][1]["subject"] = json!(["Re:"])),
+            "request.customer_thread[1].subject: must be a string, got an array",
+        ),
+        (
             "request not an object",
             Box::new(|e| e["request"] = json!([1])),
             "request: must be an object, got an array",
@@ -189,6 +255,72 @@ fn each_bad_input_is_rejected_with_a_precise_message() {
         );
     }
     assert!(total >= 10);
+}
+
+#[test]
+fn an_event_without_a_source_is_a_valid_slack_request() {
+    // Revision 1.0 of the contract: no source, no requestor id, plain thread messages.
+    let mut event = valid();
+    event["request"].as_object_mut().unwrap().remove("source");
+    event["request"]["requestor"]
+        .as_object_mut()
+        .unwrap()
+        .remove("external_id");
+    let parsed = parse_value(event.clone(), &Limits::default()).unwrap();
+    assert_eq!(parsed.request.source, Source::Slack);
+    assert_eq!(parsed.request.requestor_channel_id(), Some("U123"));
+    assert_eq!(
+        decode_event(&serde_json::to_vec(&event).unwrap())
+            .unwrap()
+            .request
+            .source,
+        Source::Slack
+    );
+}
+
+#[test]
+fn every_channel_s_sample_event_is_valid_and_round_trips() {
+    for source in Source::ALL {
+        let event = sample::full_event_from(source);
+        let bytes = serde_json::to_vec(&event).unwrap();
+        let parsed = parse_event(&bytes, &Limits::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", source.as_str()));
+        assert_eq!(parsed, event);
+        assert_eq!(
+            serde_json::to_value(&event).unwrap()["request"]["source"],
+            source.as_str()
+        );
+        assert_eq!(Source::parse(source.as_str()), Some(source));
+    }
+}
+
+#[test]
+fn the_requestor_s_channel_id_is_the_one_of_the_request_s_channel() {
+    let id = |source| {
+        sample::full_event_from(source)
+            .request
+            .requestor_channel_id()
+            .map(str::to_owned)
+    };
+    assert_eq!(id(Source::Slack).as_deref(), Some("U123"));
+    assert_eq!(
+        id(Source::Email),
+        None,
+        "the address is an email requestor's id"
+    );
+    assert_eq!(id(Source::Web).as_deref(), Some("portal-user-42"));
+    assert_eq!(
+        id(Source::MsTeams).as_deref(),
+        Some("8f6c2e1a-5b7d-4e0f-9a3c-2d1b0e9f8a7c")
+    );
+    // A Teams request carries no Slack id to fall back on; a Slack one does.
+    let mut teams = sample::full_event_from(Source::MsTeams).request;
+    teams.requestor.external_id = None;
+    teams.requestor.slack_user_id = Some("U123".into());
+    assert_eq!(teams.requestor_channel_id(), None);
+    let mut slack = sample::full_event().request;
+    slack.requestor.external_id = None;
+    assert_eq!(slack.requestor_channel_id(), Some("U123"));
 }
 
 #[test]

@@ -14,7 +14,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use serde_json::Value;
 use thena_broker::Publisher;
-use thena_events::{Change, Request, RequestChanged, Requestor, SCHEMA_V1, ThreadMessage};
+use thena_events::{Change, Request, RequestChanged, Requestor, SCHEMA_V1, Source, ThreadMessage};
 
 /// Who raises a request. The caller picks the mix: a user Vitally knows, a stranger with a
 /// company domain (domain fallback), a free-mail stranger (never linked), no email at all.
@@ -122,6 +122,8 @@ pub struct Scenario {
     pub workspace_id: String,
     /// Requestors, assigned round-robin (request `i` gets persona `i % len`).
     pub personas: Vec<Persona>,
+    /// Channels the requests come from, in turn (see [`Scenario::source_of`]).
+    pub sources: Vec<Source>,
     pub requests: u64,
     pub first_request_id: u64,
     /// Events per request (at least 3: created, assigned, closed).
@@ -141,6 +143,7 @@ impl Scenario {
         Self {
             workspace_id: workspace_id.into(),
             personas: sample_personas(),
+            sources: Source::ALL.to_vec(),
             requests: 10,
             first_request_id: 1,
             steps: 6,
@@ -190,6 +193,7 @@ impl Scenario {
                     workspace: &self.workspace_id,
                     request_id: self.first_request_id + i,
                     persona,
+                    source: self.source_of(i),
                     steps: self.steps,
                     start: self.start + stagger,
                     max_gap: self.max_step_gap,
@@ -204,6 +208,25 @@ impl Scenario {
             events.extend(lifecycles.iter().filter_map(|l| l.get(step).cloned()));
         }
         events
+    }
+
+    /// The channel of request `i` (counted from 0): the sources in turn, shifted by one
+    /// each round of personas, so every persona writes from several channels (the same
+    /// person by Slack and by email is one Vitally user). Email needs an address: a
+    /// persona without one takes the next channel instead (Slack if email is the only one).
+    pub fn source_of(&self, i: u64) -> Source {
+        let (Some(persona), n) = (
+            self.personas
+                .get((i % self.personas.len().max(1) as u64) as usize),
+            self.sources.len() as u64,
+        ) else {
+            return Source::Slack;
+        };
+        let start = i + i / self.personas.len() as u64;
+        (0..n)
+            .map(|k| self.sources[((start + k) % n) as usize])
+            .find(|source| *source != Source::Email || persona.email.is_some())
+            .unwrap_or(Source::Slack)
     }
 }
 
@@ -224,6 +247,7 @@ pub fn lifecycle(
         workspace,
         request_id,
         persona,
+        source: Source::Slack,
         steps,
         start,
         max_gap: DEFAULT_MAX_STEP_GAP,
@@ -236,6 +260,7 @@ struct Spec<'a> {
     workspace: &'a str,
     request_id: u64,
     persona: &'a Persona,
+    source: Source,
     steps: usize,
     start: DateTime<Utc>,
     max_gap: Duration,
@@ -329,9 +354,20 @@ fn build(spec: &Spec<'_>) -> Vec<RequestChanged> {
     let id = spec.request_id;
 
     let mut now = spec.start;
+    let channel = Channel {
+        source: spec.source,
+        subject: topic.title,
+    };
+    let persona = &spec.persona;
+    let opening = channel.message(&persona.name, persona.email.as_deref(), topic.message, now);
+    let agent_email = format!(
+        "{}@support.thena.ai",
+        agent.to_lowercase().replace(' ', ".")
+    );
     let mut request = Request {
         id,
         version: 1,
+        source: spec.source,
         title: Some(topic.title.into()),
         summary: Some(topic.summary.into()),
         message_text: Some(topic.message.into()),
@@ -341,16 +377,9 @@ fn build(spec: &Spec<'_>) -> Vec<RequestChanged> {
         ai_tags: topic.tags.iter().map(|t| t.to_string()).collect(),
         assigned_to: None,
         csat: None,
-        customer_thread: vec![ThreadMessage {
-            author: spec.persona.name.clone(),
-            text: topic.message.into(),
-            ts: now,
-        }],
+        customer_thread: vec![opening],
         internal_thread: vec![],
-        permalink: Some(format!(
-            "https://{ws}.slack.com/archives/C0CUSTOMER/p{}",
-            now.timestamp_micros()
-        )),
+        permalink: channel.permalink(&ws, id, persona, now),
         internal_notification_link: Some(format!(
             "https://{ws}.slack.com/archives/C0TRIAGE/p{}",
             now.timestamp_micros()
@@ -360,11 +389,7 @@ fn build(spec: &Spec<'_>) -> Vec<RequestChanged> {
         updated_at: now,
         closed_at: None,
         closed_by: None,
-        requestor: Requestor {
-            name: Some(spec.persona.name.clone()),
-            email: spec.persona.email.clone(),
-            slack_user_id: Some(format!("U{:08X}", fnv(spec.persona.name.as_bytes()) as u32)),
-        },
+        requestor: channel.requestor(persona),
         custom_fields: BTreeMap::new(),
     };
     if let Some(category) = spec.categories.first() {
@@ -399,23 +424,37 @@ fn build(spec: &Spec<'_>) -> Vec<RequestChanged> {
             request.csat = Some(pick(&mut rng, CSATS).into());
             request.closed_at = Some(now);
             request.closed_by = Some(agent.clone());
-            request.customer_thread.push(message(
+            let last = request.customer_thread.last().cloned();
+            request.customer_thread.push(channel.reply(
                 &agent,
+                &agent_email,
                 "Closing this out, thanks for your patience!",
                 now,
+                last.as_ref(),
             ));
             Change::Metadata
         } else if step == 3 {
             request.status = Some("in_progress".into());
             let reply = pick(&mut rng, AGENT_REPLIES);
-            request.customer_thread.push(message(&agent, reply, now));
+            let last = request.customer_thread.last().cloned();
+            request.customer_thread.push(channel.reply(
+                &agent,
+                &agent_email,
+                reply,
+                now,
+                last.as_ref(),
+            ));
             Change::Metadata
         } else if step % 2 == 0 {
             // Conversation only: the thread grows, metadata stays.
+            let last = request.customer_thread.last().cloned();
             let note = if rng.gen_bool(0.5) {
-                message(&spec.persona.name, pick(&mut rng, CUSTOMER_FOLLOW_UPS), now)
+                let text = pick(&mut rng, CUSTOMER_FOLLOW_UPS);
+                let email = persona.email.as_deref().unwrap_or_default();
+                channel.reply(&persona.name, email, text, now, last.as_ref())
             } else {
-                message(&agent, pick(&mut rng, AGENT_REPLIES), now)
+                let text = pick(&mut rng, AGENT_REPLIES);
+                channel.reply(&agent, &agent_email, text, now, last.as_ref())
             };
             request.customer_thread.push(note);
             if rng.gen_bool(0.3) {
@@ -449,10 +488,105 @@ fn set_category(rng: &mut StdRng, request: &mut Request, category: &Category) {
 }
 
 fn message(author: &str, text: &str, ts: DateTime<Utc>) -> ThreadMessage {
-    ThreadMessage {
-        author: author.into(),
-        text: text.into(),
-        ts,
+    ThreadMessage::new(author, text, ts)
+}
+
+/// How a request's channel shows it: its link, its requestor's id, its messages.
+struct Channel<'a> {
+    source: Source,
+    /// An email's subject (and a Teams post's): the request's title.
+    subject: &'a str,
+}
+
+impl Channel<'_> {
+    /// The message that started the request, in its channel (a web form has no page of
+    /// its own here: its Permalink stays empty).
+    fn permalink(&self, ws: &str, id: u64, persona: &Persona, at: DateTime<Utc>) -> Option<String> {
+        let micros = at.timestamp_micros();
+        match self.source {
+            Source::Slack => Some(format!(
+                "https://{ws}.slack.com/archives/C0CUSTOMER/p{micros}"
+            )),
+            Source::Email => {
+                let domain = persona.email.as_deref()?.rsplit_once('@')?.1;
+                Some(format!("mid:{micros:x}.{id}@mail.{domain}"))
+            }
+            Source::MsTeams => Some(format!(
+                "https://teams.microsoft.com/l/message/19:{:016x}@thread.tacv2/{}",
+                fnv(ws.as_bytes()),
+                at.timestamp_millis()
+            )),
+            Source::Web => None,
+        }
+    }
+
+    /// The requestor with their id in this channel (Slack also fills the older
+    /// `slack_user_id`; email's id is the address).
+    fn requestor(&self, persona: &Persona) -> Requestor {
+        let hash = fnv(persona.name.as_bytes());
+        let slack_id = format!("U{:08X}", hash as u32);
+        let (slack_user_id, external_id) = match self.source {
+            Source::Slack => (Some(slack_id.clone()), Some(slack_id)),
+            Source::Email => (None, None),
+            Source::Web => (None, Some(format!("portal-{:08x}", hash as u32))),
+            Source::MsTeams => (
+                None,
+                Some(uuid::Uuid::from_u64_pair(hash, !hash).to_string()),
+            ),
+        };
+        Requestor {
+            name: Some(persona.name.clone()),
+            email: persona.email.clone(),
+            slack_user_id,
+            external_id,
+        }
+    }
+
+    /// The request's first message: an email with its subject, a Teams post with one.
+    fn message(
+        &self,
+        author: &str,
+        email: Option<&str>,
+        text: &str,
+        ts: DateTime<Utc>,
+    ) -> ThreadMessage {
+        let mut message = ThreadMessage::new(author, text, ts);
+        match self.source {
+            Source::Email => {
+                message.author_email = email.map(str::to_owned);
+                message.subject = Some(self.subject.to_owned());
+            }
+            Source::MsTeams => message.subject = Some(self.subject.to_owned()),
+            Source::Slack | Source::Web => {}
+        }
+        message
+    }
+
+    /// A later message; an email reply has "Re:" and quotes the message before it, as
+    /// mail clients do.
+    fn reply(
+        &self,
+        author: &str,
+        email: &str,
+        text: &str,
+        ts: DateTime<Utc>,
+        previous: Option<&ThreadMessage>,
+    ) -> ThreadMessage {
+        let mut message = ThreadMessage::new(author, text, ts);
+        if self.source == Source::Email {
+            message.author_email = Some(email.to_owned()).filter(|e| !e.is_empty());
+            message.subject = Some(format!("Re: {}", self.subject));
+            if let Some(previous) = previous {
+                let quoted: Vec<String> = previous.text.lines().map(|l| format!("> {l}")).collect();
+                message.text = format!(
+                    "{text}\n\nOn {}, {} wrote:\n{}",
+                    previous.ts.format("%a, %-d %b %Y at %H:%M"),
+                    previous.author,
+                    quoted.join("\n")
+                );
+            }
+        }
+        message
     }
 }
 
@@ -700,6 +834,17 @@ pub struct EmitArgs {
     /// the `fake-vitally --demo-seed` customer base links, e.g. `Alice <alice@acme.com>`).
     #[arg(long = "persona")]
     pub personas: Vec<Persona>,
+    /// Channel the requests come from: slack, email, web or ms_teams; repeat for a mix,
+    /// taken in turn (default: all four; a persona without an email never writes by email).
+    #[arg(long = "source", value_parser = parse_source)]
+    pub sources: Vec<Source>,
+}
+
+fn parse_source(s: &str) -> Result<Source, String> {
+    Source::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = Source::ALL.iter().map(|s| s.as_str()).collect();
+        format!("{s:?} is not a channel; use one of {}", names.join(", "))
+    })
 }
 
 impl EmitArgs {
@@ -711,6 +856,11 @@ impl EmitArgs {
                 demo_seed_personas()
             } else {
                 self.personas.clone()
+            },
+            sources: if self.sources.is_empty() {
+                Source::ALL.to_vec()
+            } else {
+                self.sources.clone()
             },
             requests: self.requests,
             first_request_id: self.first_request_id,
@@ -856,6 +1006,96 @@ mod tests {
         // A scenario entirely in the past stays as it is.
         let past = args.scenario(start()).events_until(now);
         assert_eq!(past, args.scenario(start()).events());
+    }
+
+    #[test]
+    fn a_scenario_raises_valid_requests_from_every_channel() {
+        let mut scenario = Scenario::new("T1", start());
+        scenario.requests = 12;
+        let events = scenario.events();
+        let mut seen = std::collections::BTreeSet::new();
+        for event in &events {
+            let value = serde_json::to_value(event).unwrap();
+            assert_eq!(&parse_value(value, &Limits::default()).unwrap(), event);
+            let r = &event.request;
+            assert_eq!(r.source, scenario.source_of(r.id - 1));
+            seen.insert(r.source);
+            let link = r.permalink.as_deref().unwrap_or_default();
+            match r.source {
+                Source::Slack => assert!(link.contains(".slack.com/"), "{link}"),
+                Source::Email => {
+                    assert!(link.starts_with("mid:"), "{link}");
+                    assert!(r.requestor.email.is_some());
+                    let first = &r.customer_thread[0];
+                    assert_eq!(first.subject.as_deref(), r.title.as_deref());
+                    assert_eq!(first.author_email, r.requestor.email);
+                }
+                Source::MsTeams => {
+                    assert!(link.starts_with("https://teams.microsoft.com/"), "{link}")
+                }
+                Source::Web => assert!(r.permalink.is_none()),
+            }
+            assert_eq!(
+                r.requestor_channel_id().is_some(),
+                r.source != Source::Email,
+                "{:?}",
+                r.source
+            );
+        }
+        assert_eq!(seen.len(), 4, "{seen:?}");
+    }
+
+    #[test]
+    fn every_persona_writes_from_several_channels_but_never_by_email_without_an_address() {
+        let mut scenario = Scenario::new("T1", start());
+        scenario.requests = 16;
+        let personas = scenario.personas.len() as u64;
+        for (p, persona) in scenario.personas.iter().enumerate() {
+            let sources: std::collections::BTreeSet<Source> = (0..scenario.requests)
+                .filter(|i| i % personas == p as u64)
+                .map(|i| scenario.source_of(i))
+                .collect();
+            assert!(sources.len() >= 3, "{persona}: {sources:?}");
+            assert_eq!(
+                sources.contains(&Source::Email),
+                persona.email.is_some(),
+                "{persona}"
+            );
+        }
+        scenario.sources = vec![Source::Email];
+        let anonymous = scenario
+            .personas
+            .iter()
+            .position(|p| p.email.is_none())
+            .unwrap();
+        assert_eq!(scenario.source_of(anonymous as u64), Source::Slack);
+        assert_eq!(scenario.source_of(0), Source::Email);
+    }
+
+    #[test]
+    fn an_email_reply_quotes_the_message_before_it() {
+        let mut scenario = Scenario::new("T1", start());
+        scenario.sources = vec![Source::Email];
+        scenario.requests = 1;
+        scenario.steps = 6;
+        let last = scenario.events().pop().unwrap();
+        let reply = last.request.customer_thread.last().unwrap();
+        assert!(reply.subject.as_deref().unwrap().starts_with("Re: "));
+        assert!(reply.text.contains(" wrote:\n> "), "{}", reply.text);
+        assert_eq!(
+            reply
+                .author_email
+                .as_deref()
+                .map(|e| e.ends_with("@support.thena.ai")),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn sources_parse_as_the_contract_spells_them() {
+        assert_eq!(parse_source("ms_teams"), Ok(Source::MsTeams));
+        let err = parse_source("teams").unwrap_err();
+        assert!(err.contains("slack, email, web, ms_teams"), "{err}");
     }
 
     #[test]

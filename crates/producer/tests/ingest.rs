@@ -527,6 +527,42 @@ async fn a_body_over_the_limit_gets_413_in_json() {
 }
 
 #[tokio::test]
+async fn events_with_or_without_a_source_are_accepted_and_an_unknown_one_is_named() {
+    let app = start(Options::default()).await;
+    // Contract revision 1.0: no source, no requestor id.
+    let mut old = event_json("T1", 1);
+    old["request"].as_object_mut().unwrap().remove("source");
+    old["request"]["requestor"]
+        .as_object_mut()
+        .unwrap()
+        .remove("external_id");
+    let (status, body, _) = app.post_json(&old).await;
+    assert_eq!(status, 202, "{body}");
+    // Revision 1.1: an email request.
+    let email = serde_json::to_value(sample::full_event_from(thena_events::Source::Email)).unwrap();
+    let (status, body, _) = app.post_json(&email).await;
+    assert_eq!(status, 202, "{body}");
+    let received = app.drain(2).await;
+    let sources: BTreeMap<u64, &str> = received
+        .iter()
+        .map(|e| (e.request.id, e.request.source.as_str()))
+        .collect();
+    assert_eq!(sources, BTreeMap::from([(1, "slack"), (135, "email")]));
+
+    let mut unknown = event_json("T1", 2);
+    unknown["request"]["source"] = json!("fax");
+    let (status, body, _) = app.post_json(&unknown).await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body["problems"],
+        json!([{"index": 0, "path": "request.source",
+                "message": "must be one of \"slack\", \"email\", \"web\", \"ms_teams\"; got \"fax\""}])
+    );
+    assert_eq!(app.queued().await, 0);
+    app.finish().await;
+}
+
+#[tokio::test]
 async fn a_single_event_an_array_and_ndjson_are_confirmed_onto_the_sync_queue() {
     let app = start(Options::default()).await;
     let mut sent = BTreeSet::new();
@@ -1072,6 +1108,12 @@ async fn emitted_lifecycles_pass_the_api_and_land_on_the_queue() {
     assert!(
         last.values()
             .all(|e| e.request.version == 5 && e.request.status.as_deref() == Some("closed"))
+    );
+    // Requests from every channel the product doc names.
+    let sources: BTreeSet<&str> = last.values().map(|e| e.request.source.as_str()).collect();
+    assert_eq!(
+        sources,
+        BTreeSet::from(["email", "ms_teams", "slack", "web"])
     );
 
     let wrong = emit::emit_http(&app.base, &SecretString::from("nope"), &events[..1], 0, 1).await;

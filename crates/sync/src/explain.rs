@@ -15,7 +15,7 @@ use vitally_client::{
 use crate::{
     linking::{
         DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
-        link_user, table_row,
+        link_user, table_row, user_external_id,
     },
     pipeline::{memberships_of, merge_memberships},
     policy::{self, PolicyDecision, Toggles},
@@ -184,9 +184,16 @@ async fn resolve(
                 at_domain.len()
             ));
             let create = if memberships.is_none() {
-                " (the requestor would be created there as a user)"
+                let request = &event.request;
+                let external_id = user_external_id(
+                    &event.workspace_id,
+                    request.source,
+                    request.requestor_channel_id(),
+                    &email,
+                );
+                format!(" (the requestor would be created there as user {external_id})")
             } else {
-                ""
+                String::new()
             };
             match choose_by_domain(&members) {
                 DomainChoice::Account(account) => {

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeSet;
 
+use thena_events::Source;
+
 /// The Vitally customer records an instance is attached to (Vitally ids).
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Target {
@@ -190,6 +192,20 @@ pub fn choose_by_domain(users_at_domain: &[Memberships]) -> DomainChoice {
     }
 }
 
+/// The externalId of a requestor the domain fallback creates as a Vitally user, from
+/// their id in the request's channel: every consumer creating the same person from the
+/// same channel then upserts one user. Slack ids keep the form used before other channels
+/// existed (`thena:{ws}:{slack id}`), so users created then are matched, not doubled; an
+/// email requestor, or one whose channel id is unknown, is known by the address. (Across
+/// channels a person is one user because the user is looked up by email first.)
+pub fn user_external_id(ws: &str, source: Source, channel_id: Option<&str>, email: &str) -> String {
+    match (source, channel_id) {
+        (Source::Slack, Some(id)) => format!("thena:{ws}:{id}"),
+        (Source::Web | Source::MsTeams, Some(id)) => format!("thena:{ws}:{}:{id}", source.as_str()),
+        (Source::Email, _) | (_, None) => format!("thena:{ws}:{email}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -285,6 +301,19 @@ mod tests {
             choose_by_domain(&[member(&["o", "p"], &["a", "b"])]),
             DomainChoice::NoSync(DomainNoSync::Ambiguous)
         );
+    }
+
+    #[test]
+    fn a_created_user_s_external_id_comes_from_the_channel_s_own_identity() {
+        let id = |source, channel_id| user_external_id("T1", source, channel_id, "h@thena.ai");
+        assert_eq!(id(Source::Slack, Some("U123")), "thena:T1:U123");
+        assert_eq!(id(Source::MsTeams, Some("8f6c")), "thena:T1:ms_teams:8f6c");
+        assert_eq!(id(Source::Web, Some("portal-42")), "thena:T1:web:portal-42");
+        assert_eq!(id(Source::Email, None), "thena:T1:h@thena.ai");
+        assert_eq!(id(Source::Email, Some("ignored")), "thena:T1:h@thena.ai");
+        for source in Source::ALL {
+            assert_eq!(id(source, None), "thena:T1:h@thena.ai", "{source:?}");
+        }
     }
 
     #[test]

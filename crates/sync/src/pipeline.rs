@@ -30,7 +30,7 @@ use crate::{
     instances::{AfterLostCreate, after_lost_create, choose, create_answer_lost},
     linking::{
         DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
-        link_user, table_row,
+        link_user, table_row, user_external_id,
     },
     metrics::SyncMetrics,
     outcome::{Outcome, Skip},
@@ -695,18 +695,32 @@ impl Pipeline {
         change: impl Future<Output = Result<T, ConnectError>>,
     ) -> Result<T, StepError> {
         let ws = integration.workspace_id.as_str();
+        self.under_lock(&format!("fields:{ws}"), async {
+            let changed = change.await;
+            self.integrations.invalidate(ws);
+            changed.map_err(connect_step_error)
+        })
+        .await
+    }
+
+    /// Runs `work` holding the fleet-wide lock `name`; busy past `lock_wait`, the event
+    /// is deferred instead.
+    async fn under_lock<T>(
+        &self,
+        name: &str,
+        work: impl Future<Output = Result<T, StepError>>,
+    ) -> Result<T, StepError> {
         let Some(lock) = self
             .guards
-            .lock_named(&format!("fields:{ws}"), self.settings.lock_wait)
+            .lock_named(name, self.settings.lock_wait)
             .await
             .map_err(lock_err)?
         else {
             return Err(StepError::Busy);
         };
-        let changed = change.await;
+        let result = work.await;
         self.guards.release(lock).await;
-        self.integrations.invalidate(ws);
-        changed.map_err(connect_step_error)
+        result
     }
 
     /// Creates a missing category trait once for the whole fleet (idempotent: it
@@ -1030,32 +1044,70 @@ impl Pipeline {
                 },
             ),
         };
-        if !user_exists {
-            let requestor = &event.request.requestor;
-            // Deterministic: two consumers creating the same requestor upsert one user.
-            let external_id = match requestor.slack_user_id.as_deref() {
-                Some(slack_id) if !slack_id.is_empty() => format!("thena:{ws}:{slack_id}"),
-                Some(_) | None => format!("thena:{ws}:{email}"),
-            };
-            let user = NewUser {
-                external_id,
-                name: requestor.name.clone().unwrap_or_else(|| email.to_string()),
-                email: email.to_string(),
-                account_ids: new_user.account_ids.clone(),
-                organization_ids: new_user.organization_ids.clone(),
-            };
-            session.call(session.client.create_user(&user)).await?;
+        let created = !user_exists
+            && self
+                .create_requestor(session, event, email, &new_user)
+                .await?;
+        let linked = Ok(target);
+        tracer.update(|t| t.link = Some(link_trace(&rule, &linked, created)));
+        Ok(linked)
+    }
+
+    /// Creates the requestor as a Vitally user with `memberships`, once per person for the
+    /// whole fleet: under a lock on the address, and not at all when they exist by now —
+    /// maybe from another channel, under another externalId. The user cache says so when
+    /// this fleet created them (the creator fills it before letting go of the lock, and
+    /// Vitally's search may lag); else Vitally, asked by email, since the earlier lookup
+    /// may have been a cached "not found" and a create whose answer was lost may have been
+    /// applied. Returns whether this call created the user.
+    async fn create_requestor(
+        &self,
+        session: &Session<'_>,
+        event: &RequestChanged,
+        email: &str,
+        memberships: &Memberships,
+    ) -> Result<bool, StepError> {
+        let ws = event.workspace_id.as_str();
+        let key = format!("{ws}:{email}");
+        self.under_lock(&format!("user:{key}"), async {
+            if self.cache.peek::<Memberships>("user", &key).await.is_some() {
+                return Ok(false);
+            }
             let user_ttl = Ttl {
                 found: self.settings.user_ttl,
                 not_found: Some(self.settings.negative_ttl),
             };
+            let found = session.call(session.client.users_by_email(email)).await?;
+            if let Some(existing) = merge_memberships(&found) {
+                self.cache
+                    .put("user", &key, Some(&existing), user_ttl)
+                    .await;
+                return Ok(false);
+            }
+            let request = &event.request;
+            let user = NewUser {
+                external_id: user_external_id(
+                    ws,
+                    request.source,
+                    request.requestor_channel_id(),
+                    email,
+                ),
+                name: request
+                    .requestor
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| email.to_string()),
+                email: email.to_string(),
+                account_ids: memberships.account_ids.clone(),
+                organization_ids: memberships.organization_ids.clone(),
+            };
+            session.call(session.client.create_user(&user)).await?;
             self.cache
-                .put("user", &format!("{ws}:{email}"), Some(&new_user), user_ttl)
+                .put("user", &key, Some(memberships), user_ttl)
                 .await;
-        }
-        let linked = Ok(target);
-        tracer.update(|t| t.link = Some(link_trace(&rule, &linked, !user_exists)));
-        Ok(linked)
+            Ok(true)
+        })
+        .await
     }
 }
 

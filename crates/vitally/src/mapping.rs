@@ -2,13 +2,16 @@
 //! instance. No I/O: the field map (label → path and type, as Vitally returned it) is
 //! passed in, so the same event always yields the same instance body.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet},
+};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
-use thena_events::{RequestChanged, ThreadMessage};
+use thena_events::{Request, RequestChanged, Source, ThreadMessage};
 
-use crate::traits::{FIXED_TRAITS, FieldType, label};
+use crate::traits::{FieldType, label, own_traits};
 
 /// Appended to every textarea value that was cut at the configured limit.
 pub const TRUNCATION_MARKER: &str = "… (truncated)";
@@ -51,7 +54,8 @@ pub struct Mapped {
     pub traits: Map<String, Value>,
     /// Custom categories with no matching field (product doc: dropped).
     pub dropped_categories: Vec<String>,
-    /// Fixed trait labels the field map lacks (provisioning drifted).
+    /// Fixed trait labels the field map lacks (provisioning drifted, or an integration
+    /// connected before an extra trait existed and not reconnected since).
     pub missing_fixed: Vec<&'static str>,
     /// Labels whose Vitally field has a type the value cannot be written as (e.g. a
     /// category matched a number field); skipped so one bad field does not make Vitally
@@ -67,7 +71,7 @@ pub fn map_instance(event: &RequestChanged, fields: &FieldMap, opts: &MappingOpt
     let mut missing_fixed = Vec::new();
     let mut mistyped = Vec::new();
 
-    for (fixed_label, canonical) in FIXED_TRAITS {
+    for (fixed_label, canonical) in own_traits() {
         let Some(field) = lookup(fields, fixed_label) else {
             missing_fixed.push(fixed_label);
             continue;
@@ -121,7 +125,7 @@ fn lookup<'a>(fields: &'a FieldMap, label: &str) -> Option<&'a FieldRef> {
 
 fn is_fixed_label(l: &str) -> bool {
     let lower = l.to_lowercase();
-    FIXED_TRAITS.iter().any(|(f, _)| f.to_lowercase() == lower)
+    own_traits().any(|(f, _)| f.to_lowercase() == lower)
 }
 
 /// The object's fields that hold custom categories: every field that is not a fixed
@@ -183,10 +187,10 @@ fn fixed_value(event: &RequestChanged, fixed_label: &str, opts: &MappingOptions)
         label::AI_TAGS => opt_string((!r.ai_tags.is_empty()).then(|| r.ai_tags.join(", "))),
         label::ASSIGNED_TO => plain(&r.assigned_to),
         label::CSAT => text(&r.csat),
-        label::CUSTOMER_THREAD => opt_string(render_thread_within(&r.customer_thread, limit)),
+        label::CUSTOMER_THREAD => opt_string(render_thread_within(&customer_thread(r), limit)),
         label::INTERNAL_THREAD => opt_string(render_thread_within(&r.internal_thread, limit)),
         label::MESSAGE_TEXT => text(&r.message_text),
-        label::PERMALINK => plain(&r.permalink),
+        label::PERMALINK => opt_string(permalink(r)),
         label::CLOSED_AT => opt_string(r.closed_at.as_ref().map(datetime)),
         label::CLOSED_BY => plain(&r.closed_by),
         label::CREATED_AT => Value::String(datetime(&r.created_at)),
@@ -200,7 +204,8 @@ fn fixed_value(event: &RequestChanged, fixed_label: &str, opts: &MappingOptions)
         label::REQUEST_ID => Value::from(r.id),
         label::TITLE => text(&r.title),
         label::URGENCY => plain(&r.urgency),
-        // FIXED_TRAITS and this match list the same labels; a new label without a
+        label::SOURCE => Value::String(r.source.label().to_owned()),
+        // own_traits() and this match list the same labels; a new label without a
         // value is a programming error that the full-event test catches as `null`.
         _ => Value::Null,
     }
@@ -243,8 +248,75 @@ fn requestor(r: &thena_events::Requestor) -> Option<String> {
     }
 }
 
-/// One message per line, "author (ts): text", oldest first so the newest is last. Line
-/// breaks inside a message are indented so every unindented line starts a message.
+/// The Permalink trait: the link to the message that started the request, in the request's
+/// own channel (Slack permalink, Teams message link, an email's `mid:` URI, the web page),
+/// or nothing. A Slack link on a request from another channel is Thena's Slack copy of
+/// it, not the channel's own: it is not written (the triage copy has a trait of its own,
+/// Request Internal Notification Link).
+fn permalink(request: &Request) -> Option<String> {
+    let link = request.permalink.as_deref().map(str::trim)?;
+    let own = match request.source {
+        Source::Slack => true,
+        Source::Email | Source::Web | Source::MsTeams => !is_slack_link(link),
+    };
+    (own && !link.is_empty()).then(|| link.to_owned())
+}
+
+fn is_slack_link(link: &str) -> bool {
+    reqwest::Url::parse(link).is_ok_and(|url| {
+        url.host_str()
+            .is_some_and(|host| host == "slack.com" || host.ends_with(".slack.com"))
+    })
+}
+
+/// The customer thread as rendered. Email replies usually carry the whole earlier
+/// exchange as quoted text (`> …` under an "On …, X wrote:" line); every earlier message
+/// is in the thread already, so the quote is left out and the limit keeps more messages.
+fn customer_thread(request: &Request) -> Cow<'_, [ThreadMessage]> {
+    match request.source {
+        Source::Email => Cow::Owned(
+            request
+                .customer_thread
+                .iter()
+                .map(|m| ThreadMessage {
+                    text: without_quoted_reply(&m.text),
+                    ..m.clone()
+                })
+                .collect(),
+        ),
+        Source::Slack | Source::Web | Source::MsTeams => Cow::Borrowed(&request.customer_thread),
+    }
+}
+
+/// `text` without its quoted lines (`>`) and the "… wrote:" line that introduces them; the
+/// whole text if that would leave nothing (a forward is all quote).
+fn without_quoted_reply(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let quoted = |line: &str| line.trim_start().starts_with('>');
+    let kept: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, line)| {
+            let introduces_quote = line.trim_end().ends_with("wrote:")
+                && lines[i + 1..]
+                    .iter()
+                    .find(|l| !l.trim().is_empty())
+                    .is_some_and(|l| quoted(l));
+            !quoted(line) && !introduces_quote
+        })
+        .map(|(_, line)| *line)
+        .collect();
+    if kept.iter().all(|line| line.trim().is_empty()) {
+        text.to_owned()
+    } else {
+        kept.join("\n")
+    }
+}
+
+/// One message per line, oldest first so the newest is last: "author (ts): text" — with
+/// the address, "author <email> (ts): …"; with a subject that differs from the previous
+/// message's (ignoring "Re:"/"Fwd:"), "…: subject — text". Line breaks inside a message are
+/// indented and blank lines dropped, so every unindented line starts a message.
 pub fn render_thread(messages: &[ThreadMessage]) -> Option<String> {
     let lines = thread_lines(messages);
     (!lines.is_empty()).then(|| lines.join("\n"))
@@ -254,13 +326,48 @@ fn thread_lines(messages: &[ThreadMessage]) -> Vec<String> {
     let mut sorted: Vec<&ThreadMessage> = messages.iter().collect();
     // Stable: messages with the same timestamp keep their order.
     sorted.sort_by_key(|m| m.ts);
+    let mut topic: Option<String> = None;
     sorted
         .iter()
         .map(|m| {
-            let text = m.text.replace("\r\n", "\n").replace('\n', "\n  ");
-            format!("{} ({}): {}", m.author, datetime(&m.ts), text)
+            let mut line = m.author.clone();
+            if let Some(email) = m.author_email.as_deref() {
+                line.push_str(&format!(" <{email}>"));
+            }
+            line.push_str(&format!(" ({}): ", datetime(&m.ts)));
+            let subject = m
+                .subject
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty());
+            if let Some(subject) = subject {
+                let this = subject_topic(subject);
+                if topic.as_deref() != Some(this.as_str()) {
+                    line.push_str(subject);
+                    line.push_str(" — ");
+                }
+                topic = Some(this);
+            }
+            let body: Vec<&str> = m.text.lines().filter(|l| !l.trim().is_empty()).collect();
+            line.push_str(&body.join("\n  "));
+            line
         })
         .collect()
+}
+
+/// A subject without its reply and forward prefixes, lower-cased: "RE: Fwd: Login" → "login".
+fn subject_topic(subject: &str) -> String {
+    let mut rest = subject.trim();
+    loop {
+        let lower = rest.to_ascii_lowercase();
+        let Some(prefix) = ["re:", "fw:", "fwd:", "aw:", "sv:", "wg:"]
+            .iter()
+            .find(|p| lower.starts_with(*p))
+        else {
+            return rest.to_lowercase();
+        };
+        rest = rest[prefix.len()..].trim_start();
+    }
 }
 
 /// The first line of a thread that lost its `n` oldest messages to the limit.

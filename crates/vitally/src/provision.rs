@@ -15,7 +15,7 @@ use crate::{
     client::{Field, VitallyHttp},
     error::{ErrorKind, VitallyError},
     integrations::{FieldRef, Health, Integration, IntegrationStore, StoreError},
-    traits::{FIXED_TRAITS, FieldType, OBJECT_NAME},
+    traits::{FieldType, OBJECT_NAME, own_traits},
 };
 
 /// Vitally allows 1000 requests per minute per key; a budget above that cannot be met.
@@ -542,13 +542,16 @@ fn first_call_error(err: VitallyError) -> ConnectError {
     }
 }
 
-/// The fixed traits, then one `String` per custom category (blank and repeated labels,
-/// and categories named like a fixed trait, ignoring case, are left out).
+/// The integration's own traits (the product doc's and the extra ones), then one `String`
+/// per custom category (blank and repeated labels, and categories named like an own
+/// trait, ignoring case, are left out). A reconnect adds whichever of them is missing, so
+/// an integration connected before an extra trait existed gets it then.
 fn desired_fields(categories: &[String]) -> Vec<(&str, FieldType)> {
     let mut seen: BTreeSet<String> = BTreeSet::new();
-    let mut out = Vec::with_capacity(FIXED_TRAITS.len() + categories.len());
-    let categories = categories.iter().map(|c| (c.trim(), FieldType::String));
-    for (label, ty) in FIXED_TRAITS.iter().copied().chain(categories) {
+    let mut candidates: Vec<(&str, FieldType)> = own_traits().collect();
+    candidates.extend(categories.iter().map(|c| (c.trim(), FieldType::String)));
+    let mut out = Vec::with_capacity(candidates.len());
+    for (label, ty) in candidates {
         if !label.is_empty() && seen.insert(label.to_lowercase()) {
             out.push((label, ty));
         }
@@ -623,6 +626,7 @@ fn field_map(fields: &[Field]) -> BTreeMap<String, FieldRef> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::traits::{EXTRA_TRAITS, FIXED_TRAITS};
 
     fn field(label: &str, ty: &str, path: &str) -> Field {
         Field {
@@ -644,15 +648,30 @@ mod tests {
             "REGION".to_owned(),
         ];
         let desired = desired_fields(&cats);
-        assert_eq!(desired.len(), FIXED_TRAITS.len() + 2);
+        let own: Vec<_> = own_traits().collect();
+        assert_eq!(own.len(), FIXED_TRAITS.len() + EXTRA_TRAITS.len());
+        assert_eq!(desired.len(), own.len() + 2);
         assert_eq!(desired[..20], FIXED_TRAITS[..]);
+        assert_eq!(desired[20..own.len()], EXTRA_TRAITS[..]);
         assert_eq!(
-            desired[20..],
+            desired[own.len()..],
             [
                 ("Product Area", FieldType::String),
                 ("Region", FieldType::String)
             ]
         );
+    }
+
+    #[test]
+    fn an_object_from_before_the_source_trait_misses_only_source() {
+        let present: Vec<Field> = FIXED_TRAITS
+            .iter()
+            .chain([("Region", FieldType::String)].iter())
+            .map(|(label, ty)| field(label, ty.as_str(), label))
+            .collect();
+        let categories = ["Region".to_owned()];
+        let missing = missing_fields(&desired_fields(&categories), &present);
+        assert_eq!(missing, [(crate::traits::label::SOURCE, FieldType::String)]);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The "Thena Requests" custom object and its traits, as the product doc lists them.
-//! Provisioning creates exactly these; mapping writes exactly these.
+//! The "Thena Requests" custom object and its traits: the product doc's, plus the few this
+//! integration adds. Provisioning creates exactly these; mapping writes exactly these.
 
 use serde::{Deserialize, Serialize};
 
@@ -49,9 +49,12 @@ pub mod label {
     pub const REQUEST_ID: &str = "Thena Request Id";
     pub const TITLE: &str = "Title";
     pub const URGENCY: &str = "Urgency";
+    /// Not in the product doc: the channel the request came from.
+    pub const SOURCE: &str = "Source";
 }
 
-/// Every fixed trait with its type. Custom categories add one `String` trait each.
+/// The product doc's fixed traits with their types (the table's 22 are these, the built-in
+/// `name`, and "Custom Tags And Categories", one `String` trait per category).
 pub const FIXED_TRAITS: [(&str, FieldType); 20] = [
     (label::AI_TAGS, FieldType::String),
     (label::ASSIGNED_TO, FieldType::String),
@@ -74,3 +77,13 @@ pub const FIXED_TRAITS: [(&str, FieldType); 20] = [
     (label::TITLE, FieldType::Textarea),
     (label::URGENCY, FieldType::String),
 ];
+
+/// Traits beyond the product doc's table: Source ("Slack", "Email", "Web", "Microsoft
+/// Teams"), so a CSM can tell and filter where a request came from.
+pub const EXTRA_TRAITS: [(&str, FieldType); 1] = [(label::SOURCE, FieldType::String)];
+
+/// Every trait the integration owns apart from the custom categories: the product doc's,
+/// then the extra ones. Provisioning creates them, mapping writes them.
+pub fn own_traits() -> impl Iterator<Item = (&'static str, FieldType)> + Clone {
+    FIXED_TRAITS.iter().chain(EXTRA_TRAITS.iter()).copied()
+}

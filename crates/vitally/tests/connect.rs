@@ -11,10 +11,14 @@ use serde_json::json;
 use vitally_client::{
     integrations::IntegrationStore,
     provision::{self, ConnectError, Toggles},
-    traits::{FIXED_TRAITS, FieldType, OBJECT_NAME, label},
+    traits::{EXTRA_TRAITS, FIXED_TRAITS, FieldType, OBJECT_NAME, label},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The traits the integration owns: the product doc's 20 fixed ones (with the built-in
+/// name and the categories, its 22) plus the extra ones (Source).
+const OWN: usize = FIXED_TRAITS.len() + EXTRA_TRAITS.len();
 
 async fn fake() -> RunningFake {
     FakeVitally::spawn(FakeConfig::default())
@@ -61,16 +65,16 @@ async fn connecting_an_empty_vitally_creates_the_object_with_every_trait() {
     let integration = common::connect(&http, &store, req).await.unwrap();
 
     let fields = provisioned(&fake.dump());
-    assert_eq!(fields.len(), 22);
-    for (label, ty) in FIXED_TRAITS {
-        assert_eq!(fields[label].len(), 1, "{label} once");
-        assert_eq!(fields[label][0].0, ty.as_str(), "{label}");
+    assert_eq!(fields.len(), OWN + 2);
+    for (label, ty) in FIXED_TRAITS.iter().chain(&EXTRA_TRAITS) {
+        assert_eq!(fields[*label].len(), 1, "{label} once");
+        assert_eq!(fields[*label][0].0, ty.as_str(), "{label}");
     }
     assert_eq!(fields["Product Area"][0].0, "string");
     assert_eq!(fields["Region"][0].0, "string");
 
     // Paths come from Vitally's answer, for every label.
-    assert_eq!(integration.fields.len(), 22);
+    assert_eq!(integration.fields.len(), OWN + 2);
     for (label, versions) in &fields {
         let field = &integration.fields[label];
         assert_eq!(field.path, versions[0].1, "{label}");
@@ -119,7 +123,7 @@ async fn connecting_twice_creates_no_duplicate_object_or_field() {
     let second = common::connect(&http, &store, again).await.unwrap();
 
     let fields = provisioned(&fake.dump());
-    assert_eq!(fields.len(), 22);
+    assert_eq!(fields.len(), OWN + 2);
     assert!(fields.values().all(|v| v.len() == 1), "no label twice");
     assert_eq!(fake.calls().route("POST /resources/customObjects"), 1);
     assert_eq!(fake.calls().route("PUT /resources/customObjects/:id"), 1);
@@ -139,7 +143,7 @@ async fn connecting_twice_creates_no_duplicate_object_or_field() {
     .await
     .unwrap();
     assert_eq!(fake.calls().route("PUT /resources/customObjects/:id"), 1);
-    assert_eq!(provisioned(&fake.dump()).len(), 22);
+    assert_eq!(provisioned(&fake.dump()).len(), OWN + 2);
     fake.shutdown().await;
 }
 
@@ -177,7 +181,7 @@ async fn connecting_adopts_a_partial_object_adding_only_the_missing_traits() {
     let after = provisioned(&fake.dump());
     assert_eq!(fake.dump().custom_objects.len(), 2, "nothing new created");
     assert_eq!(fake.calls().route("POST /resources/customObjects"), 0);
-    assert_eq!(after.len(), 21);
+    assert_eq!(after.len(), OWN + 1);
     assert!(after.values().all(|v| v.len() == 1));
     // "status" was made by hand in lower case: adopted, not duplicated as "Status".
     assert!(!after.contains_key("Status"));
@@ -192,6 +196,47 @@ async fn connecting_adopts_a_partial_object_adding_only_the_missing_traits() {
         .find(|o| o.name == OBJECT_NAME)
         .unwrap();
     assert_eq!(integration.custom_object_id, adopted.id);
+    fake.shutdown().await;
+}
+
+#[tokio::test]
+async fn reconnecting_an_integration_from_before_the_source_trait_adds_only_source() {
+    let (fake, _redis, store) = setup().await;
+    // What a connect before issue 21 left in Vitally: the product doc's traits and a category.
+    let fields: Vec<_> = FIXED_TRAITS
+        .iter()
+        .map(|(label, ty)| json!({"label": label, "type": ty.as_str()}))
+        .chain([json!({"label": "Region", "type": "string"})])
+        .collect();
+    fake.seed(
+        serde_json::from_value(json!({"customObjects": [{"name": OBJECT_NAME, "fields": fields}]}))
+            .unwrap(),
+    )
+    .unwrap();
+    let http = common::http(TIMEOUT);
+    let request = || connect_request(&fake.base_url(), &fake.auth_header(), "T-old", &["Region"]);
+
+    let connected = provision::connect(&http, &store, request(), ACTOR)
+        .await
+        .unwrap();
+    assert_eq!(connected.traits_added, [label::SOURCE]);
+    let fields = provisioned(&fake.dump());
+    assert_eq!(fields.len(), OWN + 1);
+    assert_eq!(
+        fields[label::SOURCE],
+        [("string".to_owned(), fields[label::SOURCE][0].1.clone())]
+    );
+    assert_eq!(
+        connected.integration.fields[label::SOURCE].path,
+        fields[label::SOURCE][0].1
+    );
+
+    // Connected already: a second reconnect has nothing left to add.
+    let again = provision::connect(&http, &store, request(), ACTOR)
+        .await
+        .unwrap();
+    assert!(again.traits_added.is_empty(), "{:?}", again.traits_added);
+    assert_eq!(fake.calls().route("PUT /resources/customObjects/:id"), 1);
     fake.shutdown().await;
 }
 
@@ -286,7 +331,7 @@ async fn ensure_field_adds_a_missing_trait_once_and_records_its_path() {
     assert_eq!(fields["Escalation"][0].1, added.path);
     let stored = store.get("T-ensure").await.unwrap().unwrap();
     assert_eq!(stored.fields["Escalation"], added);
-    assert_eq!(stored.fields.len(), 21);
+    assert_eq!(stored.fields.len(), OWN + 1);
 
     // An existing fixed trait comes back without any write to Vitally.
     let puts = fake.calls().route("PUT /resources/customObjects/:id");

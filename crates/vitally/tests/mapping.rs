@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use thena_events::{RequestChanged, ThreadMessage, sample};
+use thena_events::{RequestChanged, Source, ThreadMessage, sample};
 use vitally_client::{
     mapping::{
         FieldMap, FieldRef, MappingOptions, TRUNCATION_MARKER, earlier_marker, map_instance,
         render_thread, render_thread_within, truncate,
     },
-    traits::{FIXED_TRAITS, FieldType, label},
+    traits::{EXTRA_TRAITS, FIXED_TRAITS, FieldType, label, own_traits},
 };
 
 /// "Request Internal Notification Link" → "requestInternalNotificationLink".
@@ -34,12 +34,11 @@ fn camel(label: &str) -> String {
         .collect()
 }
 
-/// The field map as Vitally lists it after provisioning: fixed traits plus `categories`.
+/// The field map as Vitally lists it after provisioning: own traits plus `categories`.
 fn vitally_fields(categories: &[&str]) -> FieldMap {
-    let fixed = FIXED_TRAITS.iter().map(|(l, t)| (*l, *t));
-    let custom = categories.iter().map(|c| (*c, FieldType::String));
-    fixed
-        .chain(custom)
+    let mut all: Vec<(&str, FieldType)> = own_traits().collect();
+    all.extend(categories.iter().map(|c| (*c, FieldType::String)));
+    all.into_iter()
         .map(|(l, t)| {
             let path = format!("vitally.custom.{}", camel(l));
             (
@@ -64,11 +63,7 @@ fn at(secs: i64) -> DateTime<Utc> {
 }
 
 fn msg(author: &str, text: &str, secs: i64) -> ThreadMessage {
-    ThreadMessage {
-        author: author.into(),
-        text: text.into(),
-        ts: at(secs),
-    }
+    ThreadMessage::new(author, text, at(secs))
 }
 
 #[test]
@@ -77,20 +72,23 @@ fn a_full_event_fills_all_22_product_doc_traits_with_the_right_json_types() {
     let fields = vitally_fields(&["Product"]);
     let mapped = map_instance(&event, &fields, &MappingOptions::default());
 
-    // The 22nd trait is the built-in name.
+    // The product doc's 22: the built-in name, 20 fixed traits, the category's field.
     assert_eq!(mapped.name, "Thena Request ID: 135");
     assert_eq!(mapped.external_id, "thena:T024BE7LD:135");
+    let product_doc = 1 + FIXED_TRAITS.len() + 1;
+    assert_eq!(product_doc, 22);
+    // Plus the extra traits (Source), all written as fields.
     assert_eq!(
         mapped.traits.len(),
-        21,
-        "20 fixed traits + 1 category: {:#?}",
+        product_doc - 1 + EXTRA_TRAITS.len(),
+        "20 fixed traits + 1 category + Source: {:#?}",
         mapped.traits
     );
     assert!(mapped.missing_fixed.is_empty());
     assert!(mapped.dropped_categories.is_empty());
     assert!(mapped.mistyped.is_empty());
 
-    for (l, t) in FIXED_TRAITS {
+    for (l, t) in own_traits() {
         let value = &mapped.traits[&path(&fields, l)];
         match t {
             FieldType::String | FieldType::Textarea => {
@@ -108,6 +106,7 @@ fn a_full_event_fills_all_22_product_doc_traits_with_the_right_json_types() {
     }
     let get = |l: &str| mapped.traits[&path(&fields, l)].clone();
     assert_eq!(get(label::REQUEST_ID), json!(135));
+    assert_eq!(get(label::SOURCE), json!("Slack"));
     assert_eq!(get(label::AI_TAGS), json!("billing, sso"));
     assert_eq!(get(label::REQUESTOR), json!("Harsh <harsh@thena.ai>"));
     assert_eq!(get(label::CREATED_AT), json!("2026-11-18T11:06:40Z"));
@@ -123,14 +122,27 @@ fn a_full_event_fills_all_22_product_doc_traits_with_the_right_json_types() {
     );
 }
 
-fn golden_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/full_event_instance.json")
+/// The golden file of a channel's full event (Slack's keeps its original name).
+fn golden_path(source: Source) -> PathBuf {
+    let name = match source {
+        Source::Slack => "full_event_instance.json".to_owned(),
+        other => format!("full_event_{}_instance.json", other.as_str()),
+    };
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
 }
 
 #[test]
-fn the_full_event_maps_to_the_golden_instance_body() {
+fn the_full_event_of_every_channel_maps_to_its_golden_instance_body() {
+    for source in Source::ALL {
+        check_golden(source);
+    }
+}
+
+fn check_golden(source: Source) {
     let mapped = map_instance(
-        &sample::full_event(),
+        &sample::full_event_from(source),
         &vitally_fields(&["Product"]),
         &MappingOptions::default(),
     );
@@ -140,7 +152,7 @@ fn the_full_event_maps_to_the_golden_instance_body() {
         "traits": mapped.traits,
     });
     let actual = serde_json::to_string_pretty(&body).expect("serializes") + "\n";
-    let file = golden_path();
+    let file = golden_path(source);
     if std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1") {
         std::fs::create_dir_all(file.parent().expect("has a parent")).expect("create golden dir");
         std::fs::write(&file, &actual).expect("write golden file");
@@ -154,12 +166,25 @@ fn the_full_event_maps_to_the_golden_instance_body() {
     });
     assert!(
         expected == actual,
-        "the instance body for sample::full_event() changed.\n\
+        "the instance body for sample::full_event_from({source:?}) changed.\n\
          If the change is intended, regenerate with:\n  \
          UPDATE_GOLDEN=1 cargo test -p vitally-client --test mapping\n\
          --- expected ({})\n{expected}\n--- actual\n{actual}",
         file.display()
     );
+}
+
+/// The Customer Thread trait of `event` with a textarea limit of `limit` characters.
+fn customer_thread_within(event: &RequestChanged, limit: usize) -> String {
+    let fields = vitally_fields(&[]);
+    let opts = MappingOptions {
+        textarea_limit: limit,
+    };
+    let mapped = map_instance(event, &fields, &opts);
+    mapped.traits[&path(&fields, label::CUSTOMER_THREAD)]
+        .as_str()
+        .expect("a customer thread")
+        .to_owned()
 }
 
 #[test]
@@ -168,15 +193,7 @@ fn a_long_thread_keeps_the_newest_messages_after_an_earlier_marker() {
     event.request.customer_thread = (0..200)
         .map(|i| msg("Harsh", &format!("message number {i} ✓ ünïcødé"), i))
         .collect();
-    let fields = vitally_fields(&[]);
-    let opts = MappingOptions {
-        textarea_limit: 500,
-    };
-    let mapped = map_instance(&event, &fields, &opts);
-
-    let thread = mapped.traits[&path(&fields, label::CUSTOMER_THREAD)]
-        .as_str()
-        .expect("string");
+    let thread = customer_thread_within(&event, 500);
     let lines: Vec<&str> = thread.lines().collect();
     let kept = lines.len() - 1;
     assert_eq!(lines[0], earlier_marker(200 - kept), "{thread}");
@@ -193,10 +210,15 @@ fn a_long_thread_keeps_the_newest_messages_after_an_earlier_marker() {
     );
     assert!(lines[1].contains(&format!("message number {} ", 200 - kept)));
     // Short textareas are left alone.
-    let title = mapped.traits[&path(&fields, label::TITLE)]
-        .as_str()
-        .expect("string");
-    assert_eq!(title, "SSO login fails for new users");
+    let fields = vitally_fields(&[]);
+    let opts = MappingOptions {
+        textarea_limit: 500,
+    };
+    let mapped = map_instance(&event, &fields, &opts);
+    assert_eq!(
+        mapped.traits[&path(&fields, label::TITLE)],
+        json!("SSO login fails for new users")
+    );
 }
 
 #[test]
@@ -278,7 +300,11 @@ fn a_category_field_the_snapshot_does_not_mention_is_cleared_with_null() {
     assert_eq!(mapped.traits[&path(&fields, "Region")], json!("EMEA"));
     assert!(!mapped.traits.contains_key(&path(&fields, "Score")));
     assert!(mapped.dropped_categories.is_empty());
-    assert_eq!(mapped.traits.len(), 22, "20 fixed + Product + Region");
+    assert_eq!(
+        mapped.traits.len(),
+        23,
+        "20 fixed + Source + Product + Region"
+    );
 }
 
 #[test]
@@ -360,8 +386,8 @@ fn absent_values_in_the_snapshot_clear_their_traits_with_null() {
     }
     assert_eq!(
         mapped.traits.len(),
-        20,
-        "every fixed trait is written, cleared ones as null"
+        own_traits().count(),
+        "every own trait is written, cleared ones as null"
     );
 }
 
@@ -392,7 +418,7 @@ fn fixed_traits_missing_from_the_field_map_are_listed_and_not_guessed() {
     let mapped = map_instance(&sample::full_event(), &fields, &MappingOptions::default());
     assert_eq!(mapped.missing_fixed, vec![label::CSAT, label::URGENCY]);
     assert!(!mapped.traits.contains_key("vitally.custom.urgency"));
-    assert_eq!(mapped.traits.len(), 19);
+    assert_eq!(mapped.traits.len(), own_traits().count() - 2 + 1);
 }
 
 #[test]
@@ -408,6 +434,168 @@ fn a_field_of_another_type_gets_text_when_lossless_and_is_skipped_otherwise() {
     );
     assert!(!mapped.traits.contains_key(&path(&fields, "Product")));
     assert_eq!(mapped.mistyped, vec!["Product".to_string()]);
+}
+
+/// The value of trait `l` for `event`, mapped with the default options.
+fn trait_value(event: &RequestChanged, l: &str) -> Value {
+    let fields = vitally_fields(&[]);
+    map_instance(event, &fields, &MappingOptions::default()).traits[&path(&fields, l)].clone()
+}
+
+#[test]
+fn the_source_trait_names_the_channel_and_an_event_without_one_is_slack() {
+    let names: Vec<Value> = Source::ALL
+        .iter()
+        .map(|s| trait_value(&sample::full_event_from(*s), label::SOURCE))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            json!("Slack"),
+            json!("Email"),
+            json!("Web"),
+            json!("Microsoft Teams")
+        ]
+    );
+    // A revision 1.0 event (no source) decodes as Slack.
+    let mut old = serde_json::to_value(sample::full_event()).unwrap();
+    old["request"].as_object_mut().unwrap().remove("source");
+    let old: RequestChanged = serde_json::from_value(old).unwrap();
+    assert_eq!(trait_value(&old, label::SOURCE), json!("Slack"));
+}
+
+#[test]
+fn the_permalink_is_the_channel_s_own_link_or_cleared() {
+    let with = |source: Source, link: Option<&str>| {
+        let mut event = sample::full_event_from(source);
+        event.request.permalink = link.map(str::to_owned);
+        trait_value(&event, label::PERMALINK)
+    };
+    let slack = "https://acme.slack.com/archives/C1/p1";
+    let teams = "https://teams.microsoft.com/l/message/19:c0ffee@thread.tacv2/1795000000000";
+    let cases = [
+        (Source::Slack, Some(slack), json!(slack)),
+        (Source::MsTeams, Some(teams), json!(teams)),
+        (
+            Source::Email,
+            Some("mid:CAF=1@mail.thena.ai"),
+            json!("mid:CAF=1@mail.thena.ai"),
+        ),
+        (
+            Source::Web,
+            Some("https://help.thena.ai/contact"),
+            json!("https://help.thena.ai/contact"),
+        ),
+        // Thena's Slack copy of a request from another channel is not its own link.
+        (Source::Email, Some(slack), Value::Null),
+        (
+            Source::MsTeams,
+            Some("https://thena.slack.com/archives/C2/p3"),
+            Value::Null,
+        ),
+        (
+            Source::Web,
+            Some("https://slack.com/app_redirect?channel=C1"),
+            Value::Null,
+        ),
+        // A host that merely looks like Slack is the channel's own.
+        (
+            Source::Web,
+            Some("https://notslack.com/x"),
+            json!("https://notslack.com/x"),
+        ),
+        // No link: cleared, whatever the channel.
+        (Source::Slack, None, Value::Null),
+        (Source::Email, None, Value::Null),
+        (Source::Web, Some("  "), Value::Null),
+    ];
+    for (source, link, expected) in cases {
+        assert_eq!(with(source, link), expected, "{source:?} {link:?}");
+    }
+}
+
+#[test]
+fn an_email_thread_shows_addresses_subjects_once_and_no_quoted_history() {
+    let thread = trait_value(
+        &sample::full_event_from(Source::Email),
+        label::CUSTOMER_THREAD,
+    );
+    assert_eq!(
+        thread,
+        json!(
+            "Harsh <harsh@thena.ai> (2026-11-18T11:06:40Z): SSO login fails for new users — \
+             Hi team,\n  our new hires cannot log in with SSO.\n  Harsh\n\
+             Jane Doe <jane@support.acme.io> (2026-11-18T11:08:40.250Z): Looking into it now."
+        )
+    );
+    // A new subject in the exchange shows; a forward that is all quote keeps its text.
+    let mut event = sample::full_event_from(Source::Email);
+    let mut forward = msg("Harsh", "> Forwarded:\n> the original", 200);
+    forward.subject = Some("Fwd: Okta metadata".into());
+    event.request.customer_thread.push(forward);
+    let thread = trait_value(&event, label::CUSTOMER_THREAD);
+    assert!(
+        thread.as_str().unwrap().ends_with(
+            "Harsh (2026-11-18T11:10:00Z): Fwd: Okta metadata — > Forwarded:\n  > the original"
+        ),
+        "{thread}"
+    );
+}
+
+#[test]
+fn quoted_text_is_only_dropped_from_email_threads() {
+    let quoted = "See the log:\n> ERROR 42";
+    for source in [Source::Slack, Source::Web, Source::MsTeams] {
+        let mut event = sample::full_event_from(source);
+        event.request.customer_thread = vec![msg("Ann", quoted, 0)];
+        assert_eq!(
+            trait_value(&event, label::CUSTOMER_THREAD),
+            json!("Ann (2026-11-18T11:06:40Z): See the log:\n  > ERROR 42"),
+            "{source:?}"
+        );
+    }
+}
+
+#[test]
+fn a_teams_conversation_reads_like_a_slack_thread_with_its_post_subject() {
+    assert_eq!(
+        trait_value(
+            &sample::full_event_from(Source::MsTeams),
+            label::CUSTOMER_THREAD
+        ),
+        json!(
+            "Harsh (2026-11-18T11:06:40Z): SSO login fails for new users — Hi team, our new \
+             hires cannot log in with SSO.\n\
+             Jane Doe (2026-11-18T11:08:40.250Z): Looking into it now."
+        )
+    );
+}
+
+#[test]
+fn a_long_email_thread_keeps_its_newest_messages_after_an_earlier_marker() {
+    let mut event = sample::full_event_from(Source::Email);
+    event.request.customer_thread = (0..200)
+        .map(|i| {
+            let mut m = msg(
+                "Harsh",
+                &format!("reply {i}\n\nOn Mon, Jane wrote:\n> reply {}", i.max(1) - 1),
+                i,
+            );
+            m.author_email = Some("harsh@thena.ai".into());
+            m.subject = Some(format!("{}Login", "Re: ".repeat(i as usize % 3)));
+            m
+        })
+        .collect();
+    let thread = customer_thread_within(&event, 500);
+    let lines: Vec<&str> = thread.lines().collect();
+    let kept = lines.len() - 1;
+    assert_eq!(lines[0], earlier_marker(200 - kept), "{thread}");
+    assert!(thread.chars().count() <= 500, "{thread}");
+    assert_eq!(
+        lines[kept], "Harsh <harsh@thena.ai> (2026-11-18T11:09:59Z): reply 199",
+        "newest last, without its quote: {thread}"
+    );
+    assert!(!thread.contains("> reply"), "no quoted history: {thread}");
 }
 
 proptest! {
@@ -441,7 +629,7 @@ proptest! {
         let fields = vitally_fields(&[]);
         let mapped = map_instance(&event, &fields, &MappingOptions { textarea_limit: limit });
         let marker = TRUNCATION_MARKER.chars().count();
-        for (l, t) in FIXED_TRAITS {
+        for (l, t) in own_traits() {
             if t == FieldType::Textarea
                 && let Some(s) = mapped.traits[&path(&fields, l)].as_str()
             {

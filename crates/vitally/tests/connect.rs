@@ -213,7 +213,7 @@ async fn reconnecting_an_integration_from_before_the_source_trait_adds_only_sour
             .unwrap(),
     )
     .unwrap();
-    let http = common::http(TIMEOUT);
+    let http = common::http(&fake, TIMEOUT);
     let request = || connect_request(&fake.base_url(), &fake.auth_header(), "T-old", &["Region"]);
 
     let connected = provision::connect(&http, &store, request(), ACTOR)

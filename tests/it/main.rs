@@ -13,5 +13,6 @@ mod docs;
 mod duplicates;
 mod fidelity;
 mod ledger;
+mod linking;
 mod manifests;
 mod support;

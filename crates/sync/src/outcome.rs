@@ -7,7 +7,7 @@ use crate::{linking::NoLink, policy::PolicySkip};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Vitally answered 2xx.
-    Synced { created: bool },
+    Synced { write: Write },
     /// Deliberately not synced; acked and counted by reason.
     Skipped(Skip),
     /// The integration is out of budget (or paused after a 429), or another consumer holds
@@ -24,6 +24,16 @@ pub enum Outcome {
     Retry { reason: String, error: String },
     /// A permanent failure: parked for a human.
     Park { reason: String, error: String },
+}
+
+/// What a sync wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Created,
+    Updated,
+    /// Updated the traits of an instance whose request links nowhere now (the requestor
+    /// joined a second account, say): it keeps its last link.
+    LinkKept,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +64,15 @@ impl Outcome {
     /// The metric label pair (outcome, reason).
     pub fn labels(&self) -> (&'static str, String) {
         match self {
-            Outcome::Synced { created: true } => ("synced", "created".into()),
-            Outcome::Synced { created: false } => ("synced", "updated".into()),
+            Outcome::Synced {
+                write: Write::Created,
+            } => ("synced", "created".into()),
+            Outcome::Synced {
+                write: Write::Updated,
+            } => ("synced", "updated".into()),
+            Outcome::Synced {
+                write: Write::LinkKept,
+            } => ("synced", "link_lost".into()),
             Outcome::Skipped(skip) => ("skipped", skip.as_str().into()),
             Outcome::Deferred { reason, .. } => ("deferred", (*reason).into()),
             Outcome::Held { reason } => ("held", (*reason).into()),

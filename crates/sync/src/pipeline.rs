@@ -16,7 +16,7 @@ use thena_events::{RequestChanged, decode_event};
 use thena_runtime::ops::Readiness;
 use thena_store::ledger::Ledger;
 use vitally_client::{
-    client::{InstanceBody, NewUser, User, VitallyClient, VitallyHttp},
+    client::{Instance, InstanceBody, Link, NewUser, User, VitallyClient, VitallyHttp},
     error::{ErrorClass, ErrorKind, VitallyError},
     integrations::{Health, Integration, IntegrationCache, StoreError},
     limiter::{Admission, RateLimiter},
@@ -29,11 +29,11 @@ use crate::{
     guard::{LockError, RequestGuards, VersionError},
     instances::{AfterLostCreate, after_lost_create, choose, create_answer_lost},
     linking::{
-        DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
-        link_user, table_row, user_external_id,
+        DomainChoice, Memberships, NoLink, Relink, Target, UserLink, choose_by_domain,
+        is_free_mail, link_user, relink, table_row, user_external_id,
     },
     metrics::SyncMetrics,
-    outcome::{Outcome, Skip},
+    outcome::{Outcome, Skip, Write},
     policy::{self, PolicyDecision, Toggles},
 };
 
@@ -594,10 +594,17 @@ impl Pipeline {
                 .max(IN_EVENT_WAIT.min(self.settings.lock_ttl / 8)),
             started: AtomicBool::new(false),
         };
-        let target = match self.resolve_target(&session, event, tracer).await? {
-            Ok(target) => target,
-            Err(no_link) => return Ok(Outcome::Skipped(Skip::NoLink(no_link))),
-        };
+        let linked = self.resolve_target(&session, event, tracer).await?;
+        // A version synced before means an instance to keep current, whatever the link.
+        let (customer_id, organization_id, link_lost) =
+            match relink(linked.as_ref().map_err(|no_link| *no_link), last.is_some()) {
+                Relink::Link {
+                    account,
+                    organization,
+                } => (account, organization, None),
+                Relink::KeepLast(no_link) => (Link::Keep, Link::Keep, Some(no_link)),
+                Relink::Skip(no_link) => return Ok(Outcome::Skipped(Skip::NoLink(no_link))),
+            };
 
         let mut fields: FieldMap = integration.fields.clone();
         if Utc::now() - integration.fields_refreshed_at
@@ -627,13 +634,13 @@ impl Pipeline {
         let body = InstanceBody {
             name: mapped.name,
             external_id: mapped.external_id,
-            customer_id: target.account_id,
-            organization_id: target.organization_id,
+            customer_id,
+            organization_id,
             traits: mapped.traits,
         };
 
         let outcome = match self
-            .upsert(&session, integration, &body, may_update, tracer)
+            .upsert(&session, integration, &body, may_update, link_lost, tracer)
             .await
         {
             // The object changed under us (a trait renamed or removed in Vitally): re-read
@@ -743,7 +750,8 @@ impl Pipeline {
         .await
     }
 
-    /// Finds the instance by externalId (cached id), then updates or creates it.
+    /// Finds the instance by externalId (cached id), then updates or creates it. With
+    /// `link_lost` the body keeps the instance's last link: it is updated, never created.
     ///
     /// One instance per request even when Vitally is slow: a create whose answer was lost
     /// (it may have been applied) marks the request in Redis; while marked, Vitally's
@@ -756,9 +764,18 @@ impl Pipeline {
         integration: &Integration,
         body: &InstanceBody,
         may_update: bool,
+        link_lost: Option<NoLink>,
         tracer: &Tracer,
     ) -> Result<Outcome, StepError> {
         let object = integration.custom_object_id.as_str();
+        let updated = |instance: Instance| {
+            if link_lost.is_some() {
+                tracer.update(|t| keep_last_link(t, &instance));
+            }
+            Outcome::Synced {
+                write: link_lost.map_or(Write::Updated, |_| Write::LinkKept),
+            }
+        };
         let cache_id = format!("{}:{}", integration.workspace_id, body.external_id);
         let ttl = Ttl {
             found: self.settings.instance_ttl,
@@ -810,23 +827,27 @@ impl Pipeline {
                 .call(session.client.update_instance(object, &id, body))
                 .await
             {
-                Ok(_) => return Ok(Outcome::Synced { created: false }),
+                Ok(instance) => return Ok(updated(instance)),
                 Err(StepError::Vitally(e)) if e.is_not_found() => {
                     // Deleted in Vitally (or a stale cache): resolve again from the source.
                     self.cache.invalidate("instance", &cache_id).await;
                     if let Some(found) = self.search_instance(session, integration, body).await? {
                         tracer.update(|t| t.instance_id = Some(found.clone()));
-                        session
+                        let instance = session
                             .call(session.client.update_instance(object, &found, body))
                             .await?;
                         self.cache
                             .put("instance", &cache_id, Some(&found), ttl)
                             .await;
-                        return Ok(Outcome::Synced { created: false });
+                        return Ok(updated(instance));
                     }
                 }
                 Err(other) => return Err(other),
             }
+        }
+        if let Some(no_link) = link_lost {
+            // Gone from Vitally, and no link to create it under.
+            return Ok(Outcome::Skipped(Skip::NoLink(no_link)));
         }
         match session
             .object_call(session.client.create_instance(object, body))
@@ -837,7 +858,9 @@ impl Pipeline {
                 self.cache
                     .put("instance", &cache_id, Some(&created.id), ttl)
                     .await;
-                Ok(Outcome::Synced { created: true })
+                Ok(Outcome::Synced {
+                    write: Write::Created,
+                })
             }
             Err(StepError::Vitally(error)) if create_answer_lost(&error) => {
                 let mark = Ttl {
@@ -1121,6 +1144,21 @@ fn link_trace(rule: &str, linked: &Result<Target, NoLink>, user_created: bool) -
             "user_created": user_created,
         }),
         Err(no_link) => json!({"rule": rule, "no_sync": no_link.as_str()}),
+    }
+}
+
+/// The ledger's view of a request whose linking says no sync now but which keeps its
+/// instance: the link Vitally kept, as its answer says.
+fn keep_last_link(trace: &mut Trace, instance: &Instance) {
+    let kept = json!({
+        "organization_id": instance.organization_id,
+        "account_id": instance.customer_id,
+    });
+    match trace.link.as_mut().and_then(Value::as_object_mut) {
+        Some(link) => {
+            link.insert("kept_last_link".into(), kept);
+        }
+        None => trace.link = Some(json!({"kept_last_link": kept})),
     }
 }
 

@@ -16,3 +16,4 @@ mod ledger;
 mod linking;
 mod manifests;
 mod support;
+mod unconnected;

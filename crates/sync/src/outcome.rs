@@ -46,6 +46,8 @@ pub enum Skip {
     AlreadyApplied,
     /// The instance exists and `update_requests` is off.
     UpdateDisabled,
+    /// The workspace was never connected (read from PostgreSQL past every cache).
+    NeverConnected,
 }
 
 impl Skip {
@@ -56,6 +58,7 @@ impl Skip {
             Skip::StaleVersion => "stale_version",
             Skip::AlreadyApplied => "already_applied",
             Skip::UpdateDisabled => "update_disabled",
+            Skip::NeverConnected => "never_connected",
         }
     }
 }

@@ -18,7 +18,7 @@ use thena_store::ledger::Ledger;
 use vitally_client::{
     client::{Instance, InstanceBody, Link, NewUser, User, VitallyClient, VitallyHttp},
     error::{ErrorClass, ErrorKind, VitallyError},
-    integrations::{Health, Integration, IntegrationCache, StoreError},
+    integrations::{Connection, Health, Integration, IntegrationCache, StoreError},
     limiter::{Admission, RateLimiter},
     mapping::{FieldMap, FieldRef, MappingOptions, map_instance},
     provision::{self, ConnectError},
@@ -450,9 +450,15 @@ impl Pipeline {
         }
     }
 
-    /// The integration, or why its events cannot go on now.
-    async fn integration(&self, ws: &str) -> Result<Option<Arc<Integration>>, StepError> {
-        match self.integrations.get(ws).await {
+    /// The integration, or why its events cannot go on now. "Not connected" is never
+    /// taken from a cache: a workspace connected a moment ago may be cached as absent.
+    async fn integration(&self, ws: &str) -> Result<Connection, StepError> {
+        let found = match self.integrations.get(ws).await {
+            Ok(Some(integration)) => Ok(Connection::Connected(integration)),
+            Ok(None) => self.integrations.reread(ws).await,
+            Err(error) => Err(error),
+        };
+        match found {
             Ok(found) => {
                 self.keys.set(ws, true);
                 Ok(found)
@@ -500,14 +506,26 @@ impl Pipeline {
         event: &RequestChanged,
         tracer: &Tracer,
     ) -> Result<Outcome, StepError> {
-        let Some(integration) = self.integration(&event.workspace_id).await? else {
-            return Ok(Outcome::Park {
-                reason: "no_integration".into(),
-                error: format!(
-                    "no Vitally integration for workspace {}",
-                    event.workspace_id
-                ),
-            });
+        let integration = match self.integration(&event.workspace_id).await? {
+            Connection::Connected(integration) => integration,
+            // Before any integration by definition; `requests resync` can send it later.
+            Connection::Never => return Ok(Outcome::Skipped(Skip::NeverConnected)),
+            // Perhaps this very workspace: ask again once the connect committed.
+            Connection::Connecting => {
+                return Ok(Outcome::Deferred {
+                    wait: Duration::from_secs(1),
+                    reason: "connect_in_progress",
+                });
+            }
+            Connection::Disconnected => {
+                return Ok(Outcome::Park {
+                    reason: "no_integration".into(),
+                    error: format!(
+                        "the Vitally integration of workspace {} is disconnected",
+                        event.workspace_id
+                    ),
+                });
+            }
         };
         let toggles = Toggles {
             push_requests: integration.push_requests,

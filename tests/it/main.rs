@@ -14,6 +14,8 @@ mod duplicates;
 mod fidelity;
 mod ledger;
 mod linking;
+mod logs;
 mod manifests;
+mod settling;
 mod support;
 mod unconnected;

@@ -26,6 +26,7 @@ use vitally_client::{
 
 use crate::{
     cache::{Cache, Ttl},
+    fault::{self, FaultHook, FaultPoint},
     guard::{LockError, RequestGuards, VersionError},
     instances::{AfterLostCreate, after_lost_create, choose, create_answer_lost},
     linking::{
@@ -105,6 +106,8 @@ pub struct Pipeline {
     pub keys: KeyHealth,
     /// Where each request went; also the latest snapshot of each, for coalescing.
     pub ledger: Option<Ledger>,
+    /// Tests only ([`crate::worker::Worker::with_fault_hook`]); `None` in production.
+    pub(crate) fault: Option<FaultHook>,
 }
 
 /// Tracks integrations this replica cannot decrypt (a missing or wrong
@@ -182,6 +185,8 @@ enum StepError {
     Db(String),
     /// Vitally rejected a trait path and the re-read field map differs: try again.
     FieldsChanged(String),
+    /// The work panicked (a bug): caught, so the delivery is settled and the lock freed.
+    Panicked(String),
 }
 
 impl StepError {
@@ -254,6 +259,12 @@ impl StepError {
             StepError::FieldsChanged(error) => Outcome::Retry {
                 reason: "fields_refreshed".into(),
                 error,
+            },
+            // Perhaps a state that passes (a half-written cache entry); if not, it is
+            // parked as too_old after RETRY_MAX_AGE like any failure that keeps failing.
+            StepError::Panicked(message) => Outcome::Retry {
+                reason: "panic".into(),
+                error: format!("the event's work panicked: {message}"),
             },
         }
     }
@@ -412,9 +423,10 @@ impl Pipeline {
         let event = newer.as_ref().unwrap_or(event);
         let tracer = Tracer::default();
         tracer.update(|t| t.version = Some(event.request.version));
-        let outcome = match self.try_process(event, &tracer).await {
-            Ok(outcome) => outcome,
-            Err(error) => error.into_outcome(),
+        let outcome = match fault::catch(self.try_process(event, &tracer)).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(error)) => error.into_outcome(),
+            Err(panic) => StepError::Panicked(panic).into_outcome(),
         };
         (outcome, tracer.take())
     }
@@ -560,13 +572,13 @@ impl Pipeline {
         // Bounded well inside the lock's lifetime: past it another consumer could take the
         // lock and, for a new request, create a second instance.
         let lease = thena_runtime::config::work_lease(self.settings.lock_ttl);
-        let result =
-            match tokio::time::timeout(lease, self.locked(event, &integration, may_update, tracer))
-                .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(StepError::LeaseExpired(lease)),
-            };
+        let work = fault::catch(self.locked(event, &integration, may_update, tracer));
+        let result = match tokio::time::timeout(lease, work).await {
+            Ok(Ok(result)) => result,
+            // Caught here, so the lock is released below.
+            Ok(Err(panic)) => Err(StepError::Panicked(panic)),
+            Err(_) => Err(StepError::LeaseExpired(lease)),
+        };
         self.guards.release(lock).await;
         if let Err(StepError::Paused(health, detail)) = &result {
             self.pause(&integration, *health, detail).await;
@@ -623,6 +635,9 @@ impl Pipeline {
                 Relink::KeepLast(no_link) => (Link::Keep, Link::Keep, Some(no_link)),
                 Relink::Skip(no_link) => return Ok(Outcome::Skipped(Skip::NoLink(no_link))),
             };
+        if let Some(fault) = &self.fault {
+            fault(FaultPoint::Locked, event);
+        }
 
         let mut fields: FieldMap = integration.fields.clone();
         if Utc::now() - integration.fields_refreshed_at

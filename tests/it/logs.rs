@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -16,17 +16,7 @@ use serde_json::Value;
 use thena_events::{RequestChanged, sample};
 use thena_testkit::wait_until;
 
-use crate::support::{Fleet, WS};
-
-/// A child process killed (and reaped) when dropped, whatever the test did.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support::{Fleet, Process, WS};
 
 /// Starts the consumer binary against the fleet; its stdout lines are collected.
 fn consumer_process(fleet: &Fleet) -> (Process, Arc<Mutex<Vec<String>>>) {

@@ -18,7 +18,7 @@ use thena_store::ledger::Ledger;
 use thena_sync::fault::{FaultHook, FaultPoint};
 use thena_testkit::{proxy::TcpProxy, wait_until};
 
-use crate::support::{Fleet, WS};
+use crate::support::{Fleet, WS, authority};
 
 /// A hook that panics once, at `point`, in the work of request `request_id`.
 fn panic_once(point: FaultPoint, request_id: u64) -> FaultHook {
@@ -163,15 +163,4 @@ async fn an_ack_on_a_channel_that_closed_meanwhile_is_counted_and_the_event_come
     .await;
     assert_eq!(fleet.instances_for(WS, 75).len(), 1);
     fleet.stop().await;
-}
-
-/// `host:port` of a URL.
-fn authority(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..end];
-    authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host)
-        .to_string()
 }

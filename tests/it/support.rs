@@ -457,3 +457,24 @@ pub fn trait_of(instance: &fake_vitally::Instance, key: &str) -> Option<serde_js
         .find(|(k, _)| k.ends_with(&suffix))
         .map(|(_, v)| v.clone())
 }
+
+/// `host:port` of a service URL.
+pub fn authority(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+        .to_string()
+}
+
+/// A child process that does not outlive a failing test.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

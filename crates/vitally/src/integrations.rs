@@ -250,7 +250,25 @@ impl fmt::Debug for IntegrationStore {
 /// Held while one connect runs; dropping it (even by a panic or a cancelled request)
 /// closes its connection, which releases the lock.
 pub struct ConnectLock {
-    _connection: thena_store::Detached,
+    connection: thena_store::Detached,
+    key: String,
+}
+
+impl ConnectLock {
+    /// Releases the lock now. Dropping releases it too, but only once the server saw
+    /// the connection close: until then consumers would still see a connect under way.
+    pub async fn release(self) {
+        if let Err(e) = self
+            .connection
+            .execute(
+                "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                &[&self.key],
+            )
+            .await
+        {
+            tracing::debug!(error = %e, "connect lock released by closing its connection");
+        }
+    }
 }
 
 impl IntegrationStore {
@@ -470,7 +488,8 @@ impl IntegrationStore {
             )
             .await?;
         Ok(ConnectLock {
-            _connection: client,
+            connection: client,
+            key: self.connect_lock(),
         })
     }
 

@@ -23,8 +23,10 @@ pub enum FaultPoint {
 pub type FaultHook = Arc<dyn Fn(FaultPoint, &RequestChanged) + Send + Sync>;
 
 /// Runs `work`; a panic inside it is returned as its message instead of unwinding.
+/// The work is boxed: an event's work is a large future, and keeping it (and the frames
+/// that poll it) off the stack keeps debug builds inside a worker thread's stack.
 pub async fn catch<T>(work: impl Future<Output = T>) -> Result<T, String> {
-    AssertUnwindSafe(work)
+    AssertUnwindSafe(Box::pin(work))
         .catch_unwind()
         .await
         .map_err(|panic| message(&*panic))

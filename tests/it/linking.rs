@@ -10,11 +10,10 @@ use thena_testkit::wait_until;
 
 use crate::support::{Fleet, WS, status_of, versioned};
 
-/// Every linking lookup goes to Vitally, so a membership change shows at the next version.
-const NO_CACHE: [(&str, &str); 2] = [("CACHE_TTL_USER", "1ms"), ("CACHE_TTL_ACCOUNT_ORG", "1ms")];
-
 /// Alice (`u-alice`, the demo's "1 organization × 1 account") as a CSM re-files her in
-/// Vitally: these organizations and accounts, nothing else.
+/// Vitally: these organizations and accounts, nothing else. The workspace's cached
+/// lookups are then forgotten (as `requests resync` does first), so the next version
+/// sees the change rather than waiting out `CACHE_TTL_USER`.
 async fn file_alice(fleet: &Fleet, organizations: &[&str], accounts: &[&str]) {
     let reply = reqwest::Client::new()
         .put(format!("{}/resources/users/u-alice", fleet.fake.base_url()))
@@ -24,6 +23,13 @@ async fn file_alice(fleet: &Fleet, organizations: &[&str], accounts: &[&str]) {
         .await
         .expect("the fake answers");
     assert!(reply.status().is_success(), "{}", reply.status());
+    let mut redis = thena_runtime::redis::connect(&fleet.config.redis_url)
+        .await
+        .unwrap();
+    let pattern = format!("{}:cache:*:{WS}:*", fleet.config.redis_prefix);
+    thena_runtime::redis::delete_matching(&mut redis, &pattern)
+        .await
+        .unwrap();
 }
 
 /// Publishes version `v` of request `id` (requestor Alice) and waits until its one
@@ -60,7 +66,7 @@ fn link(account: Option<&str>, organization: Option<&str>) -> (Option<String>, O
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relink_moves_the_instance_and_clears_the_link_the_new_target_lacks() {
-    let mut fleet = Fleet::start_with(Default::default(), &NO_CACHE).await;
+    let mut fleet = Fleet::start().await;
     fleet.connect(WS, |_| {}).await;
     fleet.spawn_consumer().await;
 
@@ -105,7 +111,7 @@ async fn a_relink_moves_the_instance_and_clears_the_link_the_new_target_lacks() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requestor_who_joins_another_customer_keeps_the_last_link_and_current_traits() {
-    let mut fleet = Fleet::start_with(Default::default(), &NO_CACHE).await;
+    let mut fleet = Fleet::start().await;
     fleet.connect(WS, |_| {}).await;
     fleet.spawn_consumer().await;
 

@@ -20,7 +20,7 @@ use crate::support::{Fleet, Process, WS};
 
 /// Starts the consumer binary against the fleet; its stdout lines are collected.
 fn consumer_process(fleet: &Fleet) -> (Process, Arc<Mutex<Vec<String>>>) {
-    let mut env = fleet.env.config_overrides();
+    let mut env = fleet.variables();
     env.extend([
         ("AMQP_URL", thena_testkit::amqp_url()),
         ("REDIS_URL", thena_testkit::redis_url()),

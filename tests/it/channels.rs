@@ -372,8 +372,11 @@ async fn a_newcomer_whose_creation_answer_was_lost_is_not_created_again_from_ano
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_without_a_source_is_accepted_by_the_api_and_synced_as_slack() {
-    let mut fleet =
-        Fleet::start_with(Default::default(), &[("PRODUCER_TOKEN", "t-channels-token-0123456789")]).await;
+    let mut fleet = Fleet::start_with(
+        Default::default(),
+        &[("PRODUCER_TOKEN", "t-channels-token-0123456789")],
+    )
+    .await;
     fleet.connect(WS, |_| {}).await;
     fleet.spawn_consumer().await;
     // Exactly what a sender of the contract's first revision posts.

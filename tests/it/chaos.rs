@@ -36,7 +36,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Fleet, WS, status_of};
+use crate::support::{Fleet, Process, WS, authority, status_of};
 
 /// Linked to an account: these requests must end up in Vitally.
 const LINKED: &str = "alice@acme.com";
@@ -496,17 +496,6 @@ impl Chaos {
     }
 }
 
-/// `host:port` of a service URL.
-fn authority(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..end];
-    authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host)
-        .to_string()
-}
-
 /// `GET path` over plain HTTP/1.0 (the ops endpoints of a child process).
 async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
@@ -526,16 +515,6 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// A child process that does not outlive a failing test.
-struct Process(std::process::Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Deletes one key of this test's Redis prefix, on a direct connection.

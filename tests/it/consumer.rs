@@ -168,18 +168,6 @@ async fn an_undecodable_message_is_parked_at_once_and_the_rest_flows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_for_a_workspace_without_integration_is_parked() {
-    let mut fleet = Fleet::start().await;
-    fleet.spawn_consumer().await;
-    fleet
-        .publish(&sample::event("T-NOBODY", 9, 1, Some("alice@acme.com")))
-        .await;
-    fleet.wait_settled(1).await;
-    assert_eq!(fleet.count("parked", Some("no_integration")), 1);
-    fleet.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_and_racing_consumers_make_exactly_one_instance_at_the_latest_version() {
     let mut fleet = Fleet::start().await;
     fleet.connect(WS, |_| {}).await;

@@ -12,6 +12,7 @@ use secrecy::SecretString;
 use thena_broker::{Broker, Publisher};
 use thena_events::RequestChanged;
 use thena_runtime::{Config, ops::Readiness};
+use thena_sync::{fault::FaultHook, worker::Worker};
 use thena_testkit::{TestEnv, wait_until};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -183,27 +184,43 @@ impl Fleet {
     /// A consumer built from another configuration (e.g. another key), reporting its
     /// readiness to `readiness`.
     pub async fn spawn_consumer_with(&mut self, config: &Config, readiness: Readiness) {
-        self.spawn_consumer_as(config, readiness, true).await;
+        self.spawn_consumer_as(config, readiness, |worker| worker)
+            .await;
     }
 
     /// A consumer that writes no request ledger (the benchmark's baseline for its cost).
     #[allow(dead_code)] // used by the benchmark only
     pub async fn spawn_consumer_without_ledger(&mut self) {
         let config = self.config.clone();
-        self.spawn_consumer_as(&config, Readiness::new(), false)
-            .await;
-    }
-
-    async fn spawn_consumer_as(&mut self, config: &Config, readiness: Readiness, ledger: bool) {
-        let registry = Registry::new();
-        let mut worker = thena_sync::app::build_worker(config, &registry, readiness)
-            .await
-            .expect("consumer");
-        if !ledger {
+        self.spawn_consumer_as(&config, Readiness::new(), |mut worker| {
             std::sync::Arc::get_mut(&mut worker.pipeline)
                 .expect("a fresh pipeline")
                 .ledger = None;
-        }
+            worker
+        })
+        .await;
+    }
+
+    /// A consumer (built from `config`) whose every event calls `hook` at each fault
+    /// point: a test's way to panic inside real work.
+    pub async fn spawn_consumer_with_fault(&mut self, config: &Config, hook: FaultHook) {
+        self.spawn_consumer_as(config, Readiness::new(), |worker| {
+            worker.with_fault_hook(hook)
+        })
+        .await;
+    }
+
+    async fn spawn_consumer_as(
+        &mut self,
+        config: &Config,
+        readiness: Readiness,
+        tweak: impl FnOnce(Worker) -> Worker,
+    ) {
+        let registry = Registry::new();
+        let worker = thena_sync::app::build_worker(config, &registry, readiness)
+            .await
+            .expect("consumer");
+        let worker = tweak(worker);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(worker.run(shutdown.clone()));
         self.consumers.push(Consumer {
@@ -329,6 +346,17 @@ impl Fleet {
             .sum()
     }
 
+    /// The gauge `name` summed over the running consumers.
+    pub fn gauge(&self, name: &str) -> i64 {
+        self.consumers
+            .iter()
+            .flat_map(|c| c.registry.gather())
+            .filter(|family| family.name() == name)
+            .flat_map(|family| family.get_metric().to_vec())
+            .map(|metric| metric.get_gauge().get_value() as i64)
+            .sum()
+    }
+
     /// Events settled for good (synced or skipped) across every consumer.
     pub fn settled(&self) -> u64 {
         self.count("synced", None) + self.count("skipped", None) + self.count("parked", None)
@@ -428,4 +456,25 @@ pub fn trait_of(instance: &fake_vitally::Instance, key: &str) -> Option<serde_js
         .iter()
         .find(|(k, _)| k.ends_with(&suffix))
         .map(|(_, v)| v.clone())
+}
+
+/// `host:port` of a service URL.
+pub fn authority(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+        .to_string()
+}
+
+/// A child process that does not outlive a failing test.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -1000,6 +1000,55 @@ async fn invalid_instances_are_rejected_with_a_400_naming_the_problem() {
     assert_eq!(unlinked.status, 400);
 }
 
+#[tokio::test]
+async fn an_instance_update_keeps_an_absent_link_clears_a_null_one_and_never_both() {
+    let h = Harness::start().await;
+    let org = h.organization("org").await;
+    let other = h.organization("other").await;
+    let account = h.account("acct", Some(&org)).await;
+    let object = h.requests_object().await;
+    let instances = format!("/resources/customObjects/{object}/instances");
+    let id = id_of(
+        &h.post(
+            &instances,
+            json!({"name": "R", "externalId": "r", "customerId": account, "organizationId": org}),
+        )
+        .await
+        .ok(),
+    );
+    let links = |reply: &Value| {
+        (
+            reply["customerId"].as_str().map(str::to_owned),
+            reply["organizationId"].as_str().map(str::to_owned),
+        )
+    };
+    let path = format!("{instances}/{id}");
+    let put = |body: Value| h.put(&path, body);
+
+    let kept = put(json!({"traits": {}})).await.ok();
+    assert_eq!(
+        links(&kept),
+        (Some(account.clone()), Some(org.clone())),
+        "absent: kept"
+    );
+    let moved = put(json!({"organizationId": other, "customerId": null}))
+        .await
+        .ok();
+    assert_eq!(
+        links(&moved),
+        (None, Some(other.clone())),
+        "set and null: moved, cleared"
+    );
+    let refused = put(json!({"organizationId": null})).await;
+    assert_eq!(refused.status, 400, "an instance keeps at least one link");
+    assert!(refused.error().contains("customerId or organizationId"));
+    assert_eq!(
+        h.fake.instances()[0].organization_id.as_deref(),
+        Some(other.as_str()),
+        "a refused update changes nothing"
+    );
+}
+
 // --- pagination ---
 
 #[tokio::test]

@@ -94,6 +94,7 @@ pub async fn build_worker(
         metrics: metrics.clone(),
         keys,
         ledger: Some(Ledger::start(store.db().clone())),
+        fault: None,
     };
     Ok(Worker {
         broker,

@@ -14,8 +14,8 @@ use vitally_client::{
 
 use crate::{
     linking::{
-        DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
-        link_user, table_row, user_external_id,
+        DomainChoice, Memberships, NoLink, Relink, Target, UserLink, choose_by_domain,
+        is_free_mail, link_user, relink, table_row, user_external_id,
     },
     pipeline::{memberships_of, merge_memberships},
     policy::{self, PolicyDecision, Toggles},
@@ -71,17 +71,13 @@ pub async fn explain(
         }
     };
     let linked = resolve(client, event, free_mail_domains, &mut steps).await?;
-    let target = match linked {
-        Ok(target) => target,
-        Err(no_link) => {
-            return Ok(done(steps, format!("no sync: {}", no_link.as_str()), None));
-        }
-    };
-    steps.say(format!(
-        "target: organization {}, account {}",
-        target.organization_id.as_deref().unwrap_or("—"),
-        target.account_id.as_deref().unwrap_or("—")
-    ));
+    if let Ok(target) = &linked {
+        steps.say(format!(
+            "target: organization {}, account {}",
+            target.organization_id.as_deref().unwrap_or("—"),
+            target.account_id.as_deref().unwrap_or("—")
+        ));
+    }
     let mapped = map_instance(event, &integration.fields, options);
     if !mapped.dropped_categories.is_empty() {
         steps.say(format!(
@@ -92,18 +88,40 @@ pub async fn explain(
     let existing = client
         .find_instance(&integration.custom_object_id, &mapped.external_id)
         .await?;
-    let verdict = match (existing, may_update) {
-        (Some(instance), true) => format!("would update instance {}", instance.id),
-        (Some(instance), false) => {
+    let relinked = relink(
+        linked.as_ref().map_err(|no_link| *no_link),
+        existing.is_some(),
+    );
+    let verdict = match (relinked, existing, may_update) {
+        (Relink::Skip(no_link), _, _) => {
+            return Ok(done(steps, format!("no sync: {}", no_link.as_str()), None));
+        }
+        (Relink::Link { .. } | Relink::KeepLast(_), Some(instance), false) => {
             format!(
                 "no sync: instance {} exists and updates are off",
                 instance.id
             )
         }
-        (None, _) => format!("would create instance {}", mapped.external_id),
+        (Relink::Link { .. }, Some(instance), true) => {
+            format!("would update instance {}", instance.id)
+        }
+        (Relink::KeepLast(no_link), Some(instance), true) => format!(
+            "would update instance {}'s traits and keep its last link (organization {}, \
+             account {}): link_lost ({})",
+            instance.id,
+            instance.organization_id.as_deref().unwrap_or("—"),
+            instance.customer_id.as_deref().unwrap_or("—"),
+            no_link.as_str()
+        ),
+        (Relink::Link { .. }, None, _) => {
+            format!("would create instance {}", mapped.external_id)
+        }
+        (Relink::KeepLast(no_link), None, _) => {
+            return Ok(done(steps, format!("no sync: {}", no_link.as_str()), None));
+        }
     };
     steps.say(format!("{} trait(s) would be written", mapped.traits.len()));
-    let mut explanation = done(steps, verdict, Some(target));
+    let mut explanation = done(steps, verdict, linked.ok());
     explanation.traits = mapped.traits;
     Ok(explanation)
 }

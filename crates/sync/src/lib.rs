@@ -10,6 +10,7 @@
 pub mod app;
 pub mod cache;
 pub mod explain;
+pub mod fault;
 pub mod guard;
 pub mod health;
 pub mod instances;

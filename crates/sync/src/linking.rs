@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use thena_events::Source;
+use vitally_client::client::Link;
 
 /// The Vitally customer records an instance is attached to (Vitally ids).
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -206,6 +207,41 @@ pub fn user_external_id(ws: &str, source: Source, channel_id: Option<&str>, emai
     }
 }
 
+/// How a request's instance follows its linking from one version to the next. The table
+/// is applied at every version, and what it says now is written explicitly:
+///
+/// | before → now | write |
+/// |---|---|
+/// | no instance → linked | create with the target's links |
+/// | no instance → no sync | nothing (skipped by the reason) |
+/// | linked → linked (same, moved, or fewer links) | both links, each set or `null` |
+/// | linked → no sync | traits only, links absent: the last link stays (`link_lost`) |
+/// | link lost → linked again | both links, each set or `null` |
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relink {
+    /// Create here, or move the instance here: a link the target lacks is cleared, never
+    /// left behind from an earlier linking.
+    Link { account: Link, organization: Link },
+    /// Linking says no sync, but the request has an instance: it keeps its last link
+    /// and its traits stay current. Counted as `link_lost`, with the reason.
+    KeepLast(NoLink),
+    /// No sync and nothing in Vitally to keep current.
+    Skip(NoLink),
+}
+
+/// The write for a request linked as `linked` now; `has_instance`: an earlier version of
+/// it reached Vitally. A target always names an account or an organization.
+pub fn relink(linked: Result<&Target, NoLink>, has_instance: bool) -> Relink {
+    match (linked, has_instance) {
+        (Ok(target), _) => Relink::Link {
+            account: Link::to(target.account_id.as_deref()),
+            organization: Link::to(target.organization_id.as_deref()),
+        },
+        (Err(reason), true) => Relink::KeepLast(reason),
+        (Err(reason), false) => Relink::Skip(reason),
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -300,6 +336,84 @@ mod tests {
         assert_eq!(
             choose_by_domain(&[member(&["o", "p"], &["a", "b"])]),
             DomainChoice::NoSync(DomainNoSync::Ambiguous)
+        );
+    }
+
+    /// The instance's link after a request's write, as Vitally applies it (an absent
+    /// link is kept, a `null` one cleared); `None`: no instance.
+    fn after(before: Option<&Target>, now: Result<&Target, NoLink>) -> Option<Target> {
+        match relink(now, before.is_some()) {
+            Relink::Link {
+                account,
+                organization,
+            } => Some(Target {
+                account_id: account.apply(before.and_then(|b| b.account_id.as_deref())),
+                organization_id: organization
+                    .apply(before.and_then(|b| b.organization_id.as_deref())),
+            }),
+            Relink::KeepLast(_) => before.cloned(),
+            Relink::Skip(_) => None,
+        }
+    }
+
+    type Transition<'a> = (
+        &'a str,
+        Option<&'a Target>,
+        Result<&'a Target, NoLink>,
+        Option<&'a Target>,
+    );
+
+    #[test]
+    fn every_linking_transition_lands_where_the_table_says_now_or_keeps_the_last_link() {
+        let a = Target::both("acc-a", "org-a");
+        let b = Target::both("acc-b", "org-b");
+        let account = Target::account("acc-a");
+        let org = Target::organization("org-a");
+        let lost = NoLink::ManyAccounts;
+        // (case, instance linked before, linking now, instance linked after)
+        let cases: [Transition; 9] = [
+            ("never synced → linked", None, Ok(&a), Some(&a)),
+            ("never synced → no sync", None, Err(lost), None),
+            ("linked A → linked B", Some(&a), Ok(&b), Some(&b)),
+            (
+                "org + account → account only",
+                Some(&a),
+                Ok(&account),
+                Some(&account),
+            ),
+            ("org + account → org only", Some(&a), Ok(&org), Some(&org)),
+            (
+                "account only → org + account",
+                Some(&account),
+                Ok(&a),
+                Some(&a),
+            ),
+            (
+                "org only → account only",
+                Some(&org),
+                Ok(&account),
+                Some(&account),
+            ),
+            (
+                "linked → no sync keeps the last link",
+                Some(&a),
+                Err(lost),
+                Some(&a),
+            ),
+            ("unchanged", Some(&b), Ok(&b), Some(&b)),
+        ];
+        for (case, before, now, expected) in cases {
+            assert_eq!(after(before, now), expected.cloned(), "{case}");
+        }
+        assert_eq!(relink(Err(lost), true), Relink::KeepLast(lost));
+        assert_eq!(relink(Err(lost), false), Relink::Skip(lost));
+        assert_eq!(
+            relink(Ok(&account), true),
+            Relink::Link {
+                account: Link::Set("acc-a".into()),
+                organization: Link::Clear,
+            },
+            "a dropped organization is cleared explicitly"
         );
     }
 

@@ -21,6 +21,8 @@ pub struct SyncMetrics {
     pub coalesced: IntCounter,
     /// Duplicate instances (same externalId) deleted, keeping the oldest.
     pub duplicates_removed: IntCounterVec,
+    /// Acks and nacks RabbitMQ did not take (a closed channel: it redelivers).
+    pub settle_failures: IntCounterVec,
 }
 
 impl SyncMetrics {
@@ -36,6 +38,7 @@ impl SyncMetrics {
         registry.register(Box::new(metrics.undecryptable.clone()))?;
         registry.register(Box::new(metrics.coalesced.clone()))?;
         registry.register(Box::new(metrics.duplicates_removed.clone()))?;
+        registry.register(Box::new(metrics.settle_failures.clone()))?;
         Ok(metrics)
     }
 
@@ -90,6 +93,13 @@ impl SyncMetrics {
                     "Duplicate instances of one request deleted from Vitally (the oldest is kept)",
                 ),
                 &["workspace"],
+            )?,
+            settle_failures: IntCounterVec::new(
+                Opts::new(
+                    "thena_vitally_settle_failures_total",
+                    "Acks and nacks that did not reach RabbitMQ (refused: the delivery's channel had closed or it was settled already; error: the call failed): RabbitMQ redelivers what was not acked",
+                ),
+                &["op", "result"],
             )?,
         })
     }

@@ -7,7 +7,7 @@ use crate::{linking::NoLink, policy::PolicySkip};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Vitally answered 2xx.
-    Synced { created: bool },
+    Synced { write: Write },
     /// Deliberately not synced; acked and counted by reason.
     Skipped(Skip),
     /// The integration is out of budget (or paused after a 429), or another consumer holds
@@ -26,6 +26,16 @@ pub enum Outcome {
     Park { reason: String, error: String },
 }
 
+/// What a sync wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    Created,
+    Updated,
+    /// Updated the traits of an instance whose request links nowhere now (the requestor
+    /// joined a second account, say): it keeps its last link.
+    LinkKept,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Skip {
     Policy(PolicySkip),
@@ -36,6 +46,8 @@ pub enum Skip {
     AlreadyApplied,
     /// The instance exists and `update_requests` is off.
     UpdateDisabled,
+    /// The workspace was never connected (read from PostgreSQL past every cache).
+    NeverConnected,
 }
 
 impl Skip {
@@ -46,6 +58,7 @@ impl Skip {
             Skip::StaleVersion => "stale_version",
             Skip::AlreadyApplied => "already_applied",
             Skip::UpdateDisabled => "update_disabled",
+            Skip::NeverConnected => "never_connected",
         }
     }
 }
@@ -54,8 +67,15 @@ impl Outcome {
     /// The metric label pair (outcome, reason).
     pub fn labels(&self) -> (&'static str, String) {
         match self {
-            Outcome::Synced { created: true } => ("synced", "created".into()),
-            Outcome::Synced { created: false } => ("synced", "updated".into()),
+            Outcome::Synced {
+                write: Write::Created,
+            } => ("synced", "created".into()),
+            Outcome::Synced {
+                write: Write::Updated,
+            } => ("synced", "updated".into()),
+            Outcome::Synced {
+                write: Write::LinkKept,
+            } => ("synced", "link_lost".into()),
             Outcome::Skipped(skip) => ("skipped", skip.as_str().into()),
             Outcome::Deferred { reason, .. } => ("deferred", (*reason).into()),
             Outcome::Held { reason } => ("held", (*reason).into()),

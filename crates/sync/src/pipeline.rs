@@ -16,9 +16,9 @@ use thena_events::{RequestChanged, decode_event};
 use thena_runtime::ops::Readiness;
 use thena_store::ledger::Ledger;
 use vitally_client::{
-    client::{InstanceBody, NewUser, User, VitallyClient, VitallyHttp},
+    client::{Instance, InstanceBody, Link, NewUser, User, VitallyClient, VitallyHttp},
     error::{ErrorClass, ErrorKind, VitallyError},
-    integrations::{Health, Integration, IntegrationCache, StoreError},
+    integrations::{Connection, Health, Integration, IntegrationCache, StoreError},
     limiter::{Admission, RateLimiter},
     mapping::{FieldMap, FieldRef, MappingOptions, map_instance},
     provision::{self, ConnectError},
@@ -26,14 +26,15 @@ use vitally_client::{
 
 use crate::{
     cache::{Cache, Ttl},
+    fault::{self, FaultHook, FaultPoint},
     guard::{LockError, RequestGuards, VersionError},
     instances::{AfterLostCreate, after_lost_create, choose, create_answer_lost},
     linking::{
-        DomainChoice, Memberships, NoLink, Target, UserLink, choose_by_domain, is_free_mail,
-        link_user, table_row, user_external_id,
+        DomainChoice, Memberships, NoLink, Relink, Target, UserLink, choose_by_domain,
+        is_free_mail, link_user, relink, table_row, user_external_id,
     },
     metrics::SyncMetrics,
-    outcome::{Outcome, Skip},
+    outcome::{Outcome, Skip, Write},
     policy::{self, PolicyDecision, Toggles},
 };
 
@@ -105,6 +106,8 @@ pub struct Pipeline {
     pub keys: KeyHealth,
     /// Where each request went; also the latest snapshot of each, for coalescing.
     pub ledger: Option<Ledger>,
+    /// Tests only ([`crate::worker::Worker::with_fault_hook`]); `None` in production.
+    pub(crate) fault: Option<FaultHook>,
 }
 
 /// Tracks integrations this replica cannot decrypt (a missing or wrong
@@ -182,6 +185,8 @@ enum StepError {
     Db(String),
     /// Vitally rejected a trait path and the re-read field map differs: try again.
     FieldsChanged(String),
+    /// The work panicked (a bug): caught, so the delivery is settled and the lock freed.
+    Panicked(String),
 }
 
 impl StepError {
@@ -254,6 +259,12 @@ impl StepError {
             StepError::FieldsChanged(error) => Outcome::Retry {
                 reason: "fields_refreshed".into(),
                 error,
+            },
+            // Perhaps a state that passes (a half-written cache entry); if not, it is
+            // parked as too_old after RETRY_MAX_AGE like any failure that keeps failing.
+            StepError::Panicked(message) => Outcome::Retry {
+                reason: "panic".into(),
+                error: format!("the event's work panicked: {message}"),
             },
         }
     }
@@ -412,9 +423,10 @@ impl Pipeline {
         let event = newer.as_ref().unwrap_or(event);
         let tracer = Tracer::default();
         tracer.update(|t| t.version = Some(event.request.version));
-        let outcome = match self.try_process(event, &tracer).await {
-            Ok(outcome) => outcome,
-            Err(error) => error.into_outcome(),
+        let outcome = match fault::catch(self.try_process(event, &tracer)).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(error)) => error.into_outcome(),
+            Err(panic) => StepError::Panicked(panic).into_outcome(),
         };
         (outcome, tracer.take())
     }
@@ -450,9 +462,15 @@ impl Pipeline {
         }
     }
 
-    /// The integration, or why its events cannot go on now.
-    async fn integration(&self, ws: &str) -> Result<Option<Arc<Integration>>, StepError> {
-        match self.integrations.get(ws).await {
+    /// The integration, or why its events cannot go on now. "Not connected" is never
+    /// taken from a cache: a workspace connected a moment ago may be cached as absent.
+    async fn integration(&self, ws: &str) -> Result<Connection, StepError> {
+        let found = match self.integrations.get(ws).await {
+            Ok(Some(integration)) => Ok(Connection::Connected(integration)),
+            Ok(None) => self.integrations.reread(ws).await,
+            Err(error) => Err(error),
+        };
+        match found {
             Ok(found) => {
                 self.keys.set(ws, true);
                 Ok(found)
@@ -500,14 +518,26 @@ impl Pipeline {
         event: &RequestChanged,
         tracer: &Tracer,
     ) -> Result<Outcome, StepError> {
-        let Some(integration) = self.integration(&event.workspace_id).await? else {
-            return Ok(Outcome::Park {
-                reason: "no_integration".into(),
-                error: format!(
-                    "no Vitally integration for workspace {}",
-                    event.workspace_id
-                ),
-            });
+        let integration = match self.integration(&event.workspace_id).await? {
+            Connection::Connected(integration) => integration,
+            // Before any integration by definition; `requests resync` can send it later.
+            Connection::Never => return Ok(Outcome::Skipped(Skip::NeverConnected)),
+            // Perhaps this very workspace: ask again once the connect committed.
+            Connection::Connecting => {
+                return Ok(Outcome::Deferred {
+                    wait: Duration::from_secs(1),
+                    reason: "connect_in_progress",
+                });
+            }
+            Connection::Disconnected => {
+                return Ok(Outcome::Park {
+                    reason: "no_integration".into(),
+                    error: format!(
+                        "the Vitally integration of workspace {} is disconnected",
+                        event.workspace_id
+                    ),
+                });
+            }
         };
         let toggles = Toggles {
             push_requests: integration.push_requests,
@@ -542,13 +572,13 @@ impl Pipeline {
         // Bounded well inside the lock's lifetime: past it another consumer could take the
         // lock and, for a new request, create a second instance.
         let lease = thena_runtime::config::work_lease(self.settings.lock_ttl);
-        let result =
-            match tokio::time::timeout(lease, self.locked(event, &integration, may_update, tracer))
-                .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(StepError::LeaseExpired(lease)),
-            };
+        let work = fault::catch(self.locked(event, &integration, may_update, tracer));
+        let result = match tokio::time::timeout(lease, work).await {
+            Ok(Ok(result)) => result,
+            // Caught here, so the lock is released below.
+            Ok(Err(panic)) => Err(StepError::Panicked(panic)),
+            Err(_) => Err(StepError::LeaseExpired(lease)),
+        };
         self.guards.release(lock).await;
         if let Err(StepError::Paused(health, detail)) = &result {
             self.pause(&integration, *health, detail).await;
@@ -594,10 +624,20 @@ impl Pipeline {
                 .max(IN_EVENT_WAIT.min(self.settings.lock_ttl / 8)),
             started: AtomicBool::new(false),
         };
-        let target = match self.resolve_target(&session, event, tracer).await? {
-            Ok(target) => target,
-            Err(no_link) => return Ok(Outcome::Skipped(Skip::NoLink(no_link))),
-        };
+        let linked = self.resolve_target(&session, event, tracer).await?;
+        // A version synced before means an instance to keep current, whatever the link.
+        let (customer_id, organization_id, link_lost) =
+            match relink(linked.as_ref().map_err(|no_link| *no_link), last.is_some()) {
+                Relink::Link {
+                    account,
+                    organization,
+                } => (account, organization, None),
+                Relink::KeepLast(no_link) => (Link::Keep, Link::Keep, Some(no_link)),
+                Relink::Skip(no_link) => return Ok(Outcome::Skipped(Skip::NoLink(no_link))),
+            };
+        if let Some(fault) = &self.fault {
+            fault(FaultPoint::Locked, event);
+        }
 
         let mut fields: FieldMap = integration.fields.clone();
         if Utc::now() - integration.fields_refreshed_at
@@ -627,13 +667,13 @@ impl Pipeline {
         let body = InstanceBody {
             name: mapped.name,
             external_id: mapped.external_id,
-            customer_id: target.account_id,
-            organization_id: target.organization_id,
+            customer_id,
+            organization_id,
             traits: mapped.traits,
         };
 
         let outcome = match self
-            .upsert(&session, integration, &body, may_update, tracer)
+            .upsert(&session, integration, &body, may_update, link_lost, tracer)
             .await
         {
             // The object changed under us (a trait renamed or removed in Vitally): re-read
@@ -743,7 +783,8 @@ impl Pipeline {
         .await
     }
 
-    /// Finds the instance by externalId (cached id), then updates or creates it.
+    /// Finds the instance by externalId (cached id), then updates or creates it. With
+    /// `link_lost` the body keeps the instance's last link: it is updated, never created.
     ///
     /// One instance per request even when Vitally is slow: a create whose answer was lost
     /// (it may have been applied) marks the request in Redis; while marked, Vitally's
@@ -756,9 +797,18 @@ impl Pipeline {
         integration: &Integration,
         body: &InstanceBody,
         may_update: bool,
+        link_lost: Option<NoLink>,
         tracer: &Tracer,
     ) -> Result<Outcome, StepError> {
         let object = integration.custom_object_id.as_str();
+        let updated = |instance: Instance| {
+            if link_lost.is_some() {
+                tracer.update(|t| keep_last_link(t, &instance));
+            }
+            Outcome::Synced {
+                write: link_lost.map_or(Write::Updated, |_| Write::LinkKept),
+            }
+        };
         let cache_id = format!("{}:{}", integration.workspace_id, body.external_id);
         let ttl = Ttl {
             found: self.settings.instance_ttl,
@@ -810,23 +860,27 @@ impl Pipeline {
                 .call(session.client.update_instance(object, &id, body))
                 .await
             {
-                Ok(_) => return Ok(Outcome::Synced { created: false }),
+                Ok(instance) => return Ok(updated(instance)),
                 Err(StepError::Vitally(e)) if e.is_not_found() => {
                     // Deleted in Vitally (or a stale cache): resolve again from the source.
                     self.cache.invalidate("instance", &cache_id).await;
                     if let Some(found) = self.search_instance(session, integration, body).await? {
                         tracer.update(|t| t.instance_id = Some(found.clone()));
-                        session
+                        let instance = session
                             .call(session.client.update_instance(object, &found, body))
                             .await?;
                         self.cache
                             .put("instance", &cache_id, Some(&found), ttl)
                             .await;
-                        return Ok(Outcome::Synced { created: false });
+                        return Ok(updated(instance));
                     }
                 }
                 Err(other) => return Err(other),
             }
+        }
+        if let Some(no_link) = link_lost {
+            // Gone from Vitally, and no link to create it under.
+            return Ok(Outcome::Skipped(Skip::NoLink(no_link)));
         }
         match session
             .object_call(session.client.create_instance(object, body))
@@ -837,7 +891,9 @@ impl Pipeline {
                 self.cache
                     .put("instance", &cache_id, Some(&created.id), ttl)
                     .await;
-                Ok(Outcome::Synced { created: true })
+                Ok(Outcome::Synced {
+                    write: Write::Created,
+                })
             }
             Err(StepError::Vitally(error)) if create_answer_lost(&error) => {
                 let mark = Ttl {
@@ -1121,6 +1177,21 @@ fn link_trace(rule: &str, linked: &Result<Target, NoLink>, user_created: bool) -
             "user_created": user_created,
         }),
         Err(no_link) => json!({"rule": rule, "no_sync": no_link.as_str()}),
+    }
+}
+
+/// The ledger's view of a request whose linking says no sync now but which keeps its
+/// instance: the link Vitally kept, as its answer says.
+fn keep_last_link(trace: &mut Trace, instance: &Instance) {
+    let kept = json!({
+        "organization_id": instance.organization_id,
+        "account_id": instance.customer_id,
+    });
+    match trace.link.as_mut().and_then(Value::as_object_mut) {
+        Some(link) => {
+            link.insert("kept_last_link".into(), kept);
+        }
+        None => trace.link = Some(json!({"kept_last_link": kept})),
     }
 }
 

@@ -9,6 +9,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::{
+    Acker,
     message::Delivery,
     options::{
         BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -25,6 +26,7 @@ use tracing::Instrument;
 use thena_store::ledger::{Entry, Ledger};
 
 use crate::{
+    fault::{self, FaultHook, FaultPoint},
     metrics::SyncMetrics,
     outcome::Outcome,
     pipeline::{Pipeline, Trace},
@@ -74,6 +76,15 @@ struct Settler {
 }
 
 impl Worker {
+    /// Tests only: calls `hook` at each [`FaultPoint`] of every event, e.g. to panic in
+    /// the middle of a real consumer's work. The consumer's start-up never sets it.
+    pub fn with_fault_hook(mut self, hook: FaultHook) -> Self {
+        Arc::get_mut(&mut self.pipeline)
+            .expect("set before the worker runs")
+            .fault = Some(hook);
+        self
+    }
+
     /// Runs until `shutdown` is cancelled, then stops taking deliveries and gives the
     /// in-flight ones `shutdown_grace` to finish (unfinished ones are redelivered).
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -223,6 +234,28 @@ async fn watch_dependencies(
     }
 }
 
+/// Counts a delivery in flight from its start until it is dropped, whatever happened.
+struct InFlight {
+    gauge: prometheus::IntGauge,
+    _timer: prometheus::HistogramTimer,
+}
+
+impl InFlight {
+    fn enter(metrics: &SyncMetrics) -> Self {
+        metrics.in_flight.inc();
+        Self {
+            gauge: metrics.in_flight.clone(),
+            _timer: metrics.processing.start_timer(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// Reconnect pauses: 100 ms doubling to 5 s, jittered so a fleet does not reconnect in
 /// lockstep after a broker restart, never giving up.
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
@@ -235,9 +268,30 @@ fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 }
 
 impl Settler {
+    /// Settles the delivery whatever happens: a panic anywhere in its handling is caught
+    /// and the delivery requeued (a redelivery is harmless: the version guard), so it is
+    /// never left unacked on a live channel with its slot and in-flight count lost.
+    /// Every line logged meanwhile carries the event's identifiers (its span).
     async fn handle(&self, pipeline: &Pipeline, delivery: Delivery) {
-        let timer = self.metrics.processing.start_timer();
-        self.metrics.in_flight.inc();
+        let _in_flight = InFlight::enter(&self.metrics);
+        let span = tracing::info_span!(
+            "event",
+            event_id = tracing::field::Empty,
+            workspace = tracing::field::Empty,
+            request_id = tracing::field::Empty,
+            version = tracing::field::Empty,
+            delivery_tag = delivery.delivery_tag,
+        );
+        let acker = delivery.acker.clone();
+        let handled = fault::catch(self.work(pipeline, &delivery, &span))
+            .instrument(span.clone())
+            .await;
+        if let Err(panic) = handled {
+            self.after_panic(&acker, &panic).instrument(span).await;
+        }
+    }
+
+    async fn work(&self, pipeline: &Pipeline, delivery: &Delivery, span: &tracing::Span) {
         // Deferred, retried and held messages come back through a delay queue (x-death).
         let returning = delivery.redelivered
             || delivery
@@ -247,14 +301,11 @@ impl Settler {
                 .is_some_and(|h| h.inner().contains_key("x-death"));
         let (outcome, trace, event) = match decode_event(&delivery.data) {
             Ok(event) => {
-                let span = tracing::info_span!(
-                    "event",
-                    workspace = %event.workspace_id,
-                    request = event.request.id,
-                    version = event.request.version,
-                    event_id = %event.event_id,
-                );
-                let (outcome, trace) = pipeline.process(&event, returning).instrument(span).await;
+                span.record("event_id", tracing::field::display(&event.event_id));
+                span.record("workspace", event.workspace_id.as_str());
+                span.record("request_id", event.request.id);
+                span.record("version", event.request.version);
+                let (outcome, trace) = pipeline.process(&event, returning).await;
                 (outcome, trace, Some(event))
             }
             Err(e) => (
@@ -269,14 +320,37 @@ impl Settler {
         if let Err(e) = self.write_ledger(&outcome, &trace, event.as_ref()).await {
             // Never acked before the ledger knows: keep it in the queue instead.
             let (label, reason) = outcome.labels();
-            self.requeue(&delivery, label, &reason, &e.to_string())
-                .await;
-        } else {
-            self.settle(&delivery, &outcome, event.as_ref(), trace.version)
-                .await;
+            self.requeue(delivery, label, &reason, &e.to_string()).await;
+            return;
         }
-        self.metrics.in_flight.dec();
-        timer.observe_duration();
+        if let (Some(fault), Some(event)) = (&pipeline.fault, &event) {
+            fault(FaultPoint::Settling, event);
+        }
+        self.settle(delivery, &outcome, event.as_ref(), trace.version)
+            .await;
+    }
+
+    /// The handling panicked: back to the queue, unless it was settled before the panic.
+    async fn after_panic(&self, acker: &Acker, panic: &str) {
+        if !acker.usable() {
+            tracing::warn!(panic, "panicked after the delivery was settled");
+            return;
+        }
+        self.metrics
+            .events
+            .with_label_values(&["requeued", "panic"])
+            .inc();
+        tracing::info!(
+            outcome = "requeued",
+            reason = "panic",
+            error = panic,
+            "event handled"
+        );
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        self.settled("nack", acker.nack(requeue).await);
     }
 
     async fn settle(
@@ -342,21 +416,24 @@ impl Settler {
                     .events
                     .with_label_values(&[label, &reason])
                     .inc();
-                match outcome {
-                    Outcome::Synced { .. } | Outcome::Skipped(_) => {
-                        tracing::debug!(outcome = label, reason, "settled")
-                    }
-                    Outcome::Deferred { .. } | Outcome::Held { .. } => {
-                        tracing::debug!(outcome = label, reason, "handed on")
-                    }
-                    Outcome::Retry { .. } | Outcome::Park { .. } => {
-                        tracing::info!(outcome = label, reason, "handed on")
-                    }
-                }
-                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                    // Redelivered later; the version guard makes that harmless.
-                    tracing::warn!(error = %e, "ack failed");
-                }
+                let error = match outcome {
+                    Outcome::Retry { error, .. } | Outcome::Park { error, .. } => Some(error),
+                    Outcome::Synced { .. }
+                    | Outcome::Skipped(_)
+                    | Outcome::Deferred { .. }
+                    | Outcome::Held { .. } => None,
+                };
+                // The event's one line at info, whatever its outcome.
+                tracing::info!(
+                    outcome = label,
+                    reason,
+                    processed_version,
+                    error,
+                    "event handled"
+                );
+                // Redelivered later if it did not reach RabbitMQ; the version guard makes
+                // that harmless.
+                self.settled("ack", delivery.ack(BasicAckOptions::default()).await);
                 if let Some(observer) = &self.observer {
                     // A gone observer (demo finished) is no reason to stop consuming.
                     let _ = observer.send(Settled {
@@ -373,24 +450,49 @@ impl Settler {
         }
     }
 
+    /// The outcome could not be handed on or recorded: back to the queue.
     async fn requeue(&self, delivery: &Delivery, label: &str, reason: &str, error: &str) {
         self.metrics
             .events
             .with_label_values(&["requeued", reason])
             .inc();
-        tracing::warn!(
-            error,
-            outcome = label,
+        tracing::info!(
+            outcome = "requeued",
             reason,
-            "hand-off failed; requeueing"
+            was = label,
+            error,
+            "event handled"
         );
         let requeue = BasicNackOptions {
             requeue: true,
             ..BasicNackOptions::default()
         };
-        if let Err(e) = delivery.nack(requeue).await {
-            tracing::warn!(error = %e, "nack failed; the broker redelivers on reconnect");
-        }
+        self.settled("nack", delivery.nack(requeue).await);
+    }
+
+    /// An ack or nack RabbitMQ did not take: lapin answers `Ok(false)` when the channel
+    /// had closed (RabbitMQ then redelivers the message) or the delivery was settled
+    /// already. Said and counted either way, never silently dropped.
+    fn settled(&self, op: &'static str, result: lapin::Result<bool>) {
+        let failure = match result {
+            Ok(true) => return,
+            Ok(false) => {
+                tracing::warn!(
+                    op,
+                    "not sent: the delivery's channel closed (RabbitMQ redelivers it) or it \
+                     was settled already"
+                );
+                "refused"
+            }
+            Err(e) => {
+                tracing::warn!(op, error = %e, "failed; RabbitMQ redelivers it on reconnect");
+                "error"
+            }
+        };
+        self.metrics
+            .settle_failures
+            .with_label_values(&[op, failure])
+            .inc();
     }
 
     /// The event's line in the request ledger, durable before anything else happens.

@@ -8,10 +8,11 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use thena_events::{Change, sample};
 use thena_sync::linking::{
-    DomainChoice, DomainNoSync, Memberships, NoLink, Target, UserLink, choose_by_domain,
-    is_free_mail, link_user,
+    DomainChoice, DomainNoSync, Memberships, NoLink, Relink, Target, UserLink, choose_by_domain,
+    is_free_mail, link_user, relink,
 };
 use thena_sync::policy::{PolicyDecision, PolicySkip, Toggles, decide};
+use vitally_client::client::Link;
 
 /// The product doc's linking table, verbatim (organization presence, account presence,
 /// request sync status).
@@ -139,8 +140,73 @@ fn membership() -> impl Strategy<Value = Memberships> {
     })
 }
 
+/// Where the table links a user with these memberships now (the "many organizations ×
+/// one account" row's organization is the account's, looked up: here `of-{account}`).
+fn linked(m: &Memberships) -> Result<Target, NoLink> {
+    match link_user(&m.organization_ids, &m.account_ids) {
+        UserLink::Link(target) => Ok(target),
+        UserLink::AccountAndItsOrganization(account) => Ok(Target {
+            organization_id: Some(format!("of-{account}")),
+            account_id: Some(account),
+        }),
+        UserLink::NoSync(reason) => Err(reason),
+        // The domain fallback's no-sync, for this property.
+        UserLink::Unlinked => Err(NoLink::DomainUnknown),
+    }
+}
+
+/// What Vitally holds after the write: an absent link is kept, a `null` one cleared.
+fn vitally_after(before: Option<&Target>, write: &Relink) -> Option<Target> {
+    match write {
+        Relink::Link {
+            account,
+            organization,
+        } => Some(Target {
+            account_id: account.apply(before.and_then(|b| b.account_id.as_deref())),
+            organization_id: organization.apply(before.and_then(|b| b.organization_id.as_deref())),
+        }),
+        Relink::KeepLast(_) => before.cloned(),
+        Relink::Skip(_) => None,
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    /// Over any history of a requestor's memberships, one version after another, the
+    /// instance is linked exactly where the latest linking that said "sync" put it —
+    /// never a mix of two linkings, never frozen by a "no sync" in between — and exists
+    /// from the first version that linked.
+    #[test]
+    fn an_instance_follows_the_latest_linking_and_keeps_its_last_link_through_no_sync(
+        history in prop::collection::vec(membership(), 1..8),
+    ) {
+        let mut instance: Option<Target> = None;
+        let mut latest_link: Option<Target> = None;
+        for memberships in &history {
+            let now = linked(memberships);
+            let write = relink(now.as_ref().map_err(|r| *r), instance.is_some());
+            match (&write, &now) {
+                (Relink::Link { account, organization }, Ok(_)) => {
+                    prop_assert!(!account.is_keep() && !organization.is_keep(), "both said");
+                    prop_assert!(
+                        !(*account == Link::Clear && *organization == Link::Clear),
+                        "Vitally refuses an instance linked nowhere"
+                    );
+                }
+                (Relink::KeepLast(reason) | Relink::Skip(reason), Err(no_link)) => {
+                    prop_assert_eq!(reason, no_link)
+                }
+                (write, now) => prop_assert!(false, "{:?} for {:?}", write, now),
+            }
+            prop_assert_eq!(matches!(write, Relink::KeepLast(_)), instance.is_some() && now.is_err());
+            instance = vitally_after(instance.as_ref(), &write);
+            if let Ok(target) = now {
+                latest_link = Some(target);
+            }
+            prop_assert_eq!(&instance, &latest_link);
+        }
+    }
 
     #[test]
     fn linking_follows_the_product_table_over_distinct_ids(orgs in ids(), accounts in ids()) {

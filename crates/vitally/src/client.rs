@@ -353,11 +353,71 @@ pub struct Instance {
 pub struct InstanceBody {
     pub name: String,
     pub external_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub customer_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub organization_id: Option<String>,
+    /// The account (Vitally calls it the instance's customer).
+    #[serde(skip_serializing_if = "Link::is_keep")]
+    pub customer_id: Link,
+    #[serde(skip_serializing_if = "Link::is_keep")]
+    pub organization_id: Link,
     pub traits: Map<String, Value>,
+}
+
+/// What a write says about one of an instance's links (its account or organization).
+/// On update Vitally keeps a link that is absent from the body and clears one sent as
+/// `null`, so the two must be told apart: a relink that drops the organization sends
+/// `organizationId: null`, a write that keeps the last link sends neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Link {
+    /// Absent from the body: the instance keeps what it has.
+    #[default]
+    Keep,
+    Set(String),
+    /// `null`: the instance loses this link.
+    Clear,
+}
+
+impl Link {
+    /// A target's side of the link: its id, or cleared when it has none.
+    pub fn to(id: Option<&str>) -> Link {
+        id.map_or(Link::Clear, |id| Link::Set(id.to_owned()))
+    }
+
+    pub fn is_keep(&self) -> bool {
+        matches!(self, Link::Keep)
+    }
+
+    /// The link after a write carrying `self` on an instance that had `current`.
+    pub fn apply(&self, current: Option<&str>) -> Option<String> {
+        match self {
+            Link::Keep => current.map(str::to_owned),
+            Link::Set(id) => Some(id.clone()),
+            Link::Clear => None,
+        }
+    }
+}
+
+impl Serialize for Link {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Link::Set(id) => serializer.serialize_str(id),
+            // `Keep` is skipped by the body; should it get here, `null` is the safe side.
+            Link::Clear | Link::Keep => serializer.serialize_none(),
+        }
+    }
+}
+
+impl InstanceBody {
+    /// A create has nothing to keep or clear: only the links it sets are sent.
+    fn for_create(&self) -> InstanceBody {
+        let set = |link: &Link| match link {
+            Link::Set(id) => Link::Set(id.clone()),
+            Link::Keep | Link::Clear => Link::Keep,
+        };
+        InstanceBody {
+            customer_id: set(&self.customer_id),
+            organization_id: set(&self.organization_id),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -565,7 +625,7 @@ impl VitallyClient {
         object_id: &str,
         body: &InstanceBody,
     ) -> Result<Instance, VitallyError> {
-        let body = to_body("instances.create", body)?;
+        let body = to_body("instances.create", &body.for_create())?;
         let bytes = self
             .call(
                 "instances.create",
@@ -861,6 +921,30 @@ fn scrub(text: &str, auth: &SecretString) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_link_is_absent_a_cleared_one_null_and_a_create_sends_only_set_ones() {
+        let body = InstanceBody {
+            name: "n".into(),
+            external_id: "x".into(),
+            customer_id: Link::Clear,
+            organization_id: Link::Set("org".into()),
+            traits: Map::new(),
+        };
+        let update = serde_json::to_value(&body).unwrap();
+        assert_eq!(update["customerId"], Value::Null);
+        assert!(update.as_object().unwrap().contains_key("customerId"));
+        assert_eq!(update["organizationId"], "org");
+        let create = serde_json::to_value(body.for_create()).unwrap();
+        assert!(!create.as_object().unwrap().contains_key("customerId"));
+        assert_eq!(create["organizationId"], "org");
+        let kept = InstanceBody {
+            organization_id: Link::Keep,
+            ..body
+        };
+        let kept = serde_json::to_value(&kept).unwrap();
+        assert!(!kept.as_object().unwrap().contains_key("organizationId"));
+    }
 
     #[test]
     fn rate_limit_headers_parse_vitallys_structured_form() {

@@ -25,6 +25,18 @@ use crate::{
 /// How long a consumer trusts a cached record when no change notification arrives.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
 
+/// A workspace's record as PostgreSQL holds it, read past every cache.
+#[derive(Debug, Clone)]
+pub enum Connection {
+    Connected(Arc<Integration>),
+    /// Connected once and disconnected since (the row and its `established_at` remain).
+    Disconnected,
+    /// No record at all: nobody ever connected the workspace.
+    Never,
+    /// A connect (of any workspace: they run one at a time) has not committed yet.
+    Connecting,
+}
+
 /// Where to write one trait (defined with the mapping that reads it).
 pub use crate::mapping::FieldRef;
 
@@ -238,7 +250,25 @@ impl fmt::Debug for IntegrationStore {
 /// Held while one connect runs; dropping it (even by a panic or a cancelled request)
 /// closes its connection, which releases the lock.
 pub struct ConnectLock {
-    _connection: thena_store::Detached,
+    connection: thena_store::Detached,
+    key: String,
+}
+
+impl ConnectLock {
+    /// Releases the lock now. Dropping releases it too, but only once the server saw
+    /// the connection close: until then consumers would still see a connect under way.
+    pub async fn release(self) {
+        if let Err(e) = self
+            .connection
+            .execute(
+                "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                &[&self.key],
+            )
+            .await
+        {
+            tracing::debug!(error = %e, "connect lock released by closing its connection");
+        }
+    }
 }
 
 impl IntegrationStore {
@@ -291,6 +321,41 @@ impl IntegrationStore {
             )
             .await?;
         row.map(|row| self.decode(&row)).transpose()
+    }
+
+    /// The workspace's record, read under the connect lock in shared mode: while a
+    /// connect is under way (it holds the lock until its record committed) the answer is
+    /// `Connecting`, so `Never` is only said of a workspace nobody was connecting at
+    /// that moment. It does not wait for the lock: a pooled connection is not held
+    /// through someone else's connect.
+    pub async fn connection(&self, workspace_id: &str) -> Result<Connection, StoreError> {
+        let mut client = self.db.client().await.map_err(StoreError::Db)?;
+        let tx = client.transaction().await?;
+        let free: bool = tx
+            .query_one(
+                "SELECT pg_try_advisory_xact_lock_shared(hashtextextended($1, 0))",
+                &[&self.connect_lock()],
+            )
+            .await?
+            .get(0);
+        if !free {
+            return Ok(Connection::Connecting);
+        }
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT {COLUMNS}, disconnected_at IS NOT NULL AS disconnected
+                     FROM integrations WHERE workspace_id = $1"
+                ),
+                &[&workspace_id],
+            )
+            .await?;
+        tx.commit().await?;
+        match row {
+            None => Ok(Connection::Never),
+            Some(row) if row.get::<_, bool>("disconnected") => Ok(Connection::Disconnected),
+            Some(row) => Ok(Connection::Connected(Arc::new(self.decode(&row)?))),
+        }
     }
 
     /// Every connected record, ordered by workspace id. An unreadable record fails the
@@ -403,6 +468,12 @@ impl IntegrationStore {
         Ok(row.map(|row| row.get(0)))
     }
 
+    /// The advisory lock (by name) a connect holds from before its first Vitally call
+    /// until after its record committed.
+    pub fn connect_lock(&self) -> String {
+        format!("{}:connect", self.db.schema())
+    }
+
     /// Serialises connects fleet-wide (they are rare, and both "one object per
     /// workspace" and "one workspace per Vitally" need a check-then-write).
     pub async fn lock_connects(&self) -> Result<ConnectLock, StoreError> {
@@ -410,12 +481,15 @@ impl IntegrationStore {
         // Out of the pool: closing this connection is what releases the lock.
         let client = thena_store::detach(object);
         client.batch_execute("SET lock_timeout = '60s'").await?;
-        let key = format!("{}:connect", self.db.schema());
         client
-            .execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key])
+            .execute(
+                "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+                &[&self.connect_lock()],
+            )
             .await?;
         Ok(ConnectLock {
-            _connection: client,
+            connection: client,
+            key: self.connect_lock(),
         })
     }
 
@@ -854,6 +928,21 @@ impl IntegrationCache {
         self.lock()
             .insert(workspace_id.to_owned(), (Instant::now(), loaded.clone()));
         Ok(loaded)
+    }
+
+    /// Reads the workspace past the cache ([`IntegrationStore::connection`]) and keeps
+    /// what it found.
+    pub async fn reread(&self, workspace_id: &str) -> Result<Connection, StoreError> {
+        let connection = self.store.connection(workspace_id).await?;
+        let found = match &connection {
+            Connection::Connected(integration) => Some(integration.clone()),
+            Connection::Disconnected | Connection::Never => None,
+            // Nothing learnt yet.
+            Connection::Connecting => return Ok(connection),
+        };
+        self.lock()
+            .insert(workspace_id.to_owned(), (Instant::now(), found));
+        Ok(connection)
     }
 
     /// Forgets one workspace, e.g. after this process changed it.

@@ -156,7 +156,7 @@ async fn connect_checked(
             "workspace id is empty".to_owned(),
         ));
     }
-    let _connecting = store.lock_connects().await?;
+    let connecting = store.lock_connects().await?;
     let fingerprints = store.fingerprints(&api_url, &req.auth_header);
     if let Some(workspace) = store
         .connected_elsewhere(&req.workspace_id, &fingerprints)
@@ -271,6 +271,7 @@ async fn connect_checked(
         }
         Err(other) => return Err(other.into()),
     };
+    connecting.release().await;
     Ok(Connected {
         integration: stored,
         object,

@@ -10,7 +10,7 @@ use prometheus::Registry;
 use secrecy::SecretString;
 use serde_json::{Map, Value, json};
 use vitally_client::{
-    client::{InstanceBody, NewUser, VitallyClient, VitallyHttp},
+    client::{InstanceBody, Link, NewUser, VitallyClient, VitallyHttp},
     error::{ErrorClass, ErrorKind},
     metrics::VitallyMetrics,
     traits::FieldType,
@@ -231,8 +231,8 @@ async fn an_instance_is_created_found_by_external_id_and_updated() {
     let body = InstanceBody {
         name: "Thena Request ID: 7".into(),
         external_id: "thena:T1:7".into(),
-        customer_id: Some("acc-1".into()),
-        organization_id: None,
+        customer_id: Link::Set("acc-1".into()),
+        organization_id: Link::Clear,
         traits,
     };
 
@@ -263,6 +263,35 @@ async fn an_instance_is_created_found_by_external_id_and_updated() {
         .unwrap();
     assert_eq!(updated.traits[&path("Status")], json!("closed"));
     assert!(!updated.traits.contains_key(&path("Title")), "null removes");
+    assert_eq!(updated.customer_id.as_deref(), Some("acc-1"), "kept");
+
+    // An absent link is kept, a `null` one cleared: the relink to the organization
+    // alone drops the account, and a traits-only write keeps whatever link there is.
+    let mut relink = update.clone();
+    relink.organization_id = Link::Set("org-1".into());
+    relink.customer_id = Link::Clear;
+    let moved = client
+        .update_instance(&object.id, &created.id, &relink)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            moved.customer_id.as_deref(),
+            moved.organization_id.as_deref()
+        ),
+        (None, Some("org-1"))
+    );
+    let mut traits_only = update.clone();
+    traits_only.customer_id = Link::Keep;
+    traits_only.organization_id = Link::Keep;
+    let kept = client
+        .update_instance(&object.id, &created.id, &traits_only)
+        .await
+        .unwrap();
+    assert_eq!(
+        (kept.customer_id.as_deref(), kept.organization_id.as_deref()),
+        (None, Some("org-1"))
+    );
     assert_eq!(fake.instances().len(), 1);
     fake.shutdown().await;
 }

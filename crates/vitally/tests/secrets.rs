@@ -19,7 +19,7 @@ use secrecy::SecretString;
 use serde_json::Map;
 use tracing_subscriber::fmt::MakeWriter;
 use vitally_client::{
-    client::{InstanceBody, VitallyHttp},
+    client::{InstanceBody, Link, VitallyHttp},
     crypto::SecretCipher,
     metrics::VitallyMetrics,
     provision::{self, Toggles},
@@ -132,8 +132,8 @@ async fn the_auth_header_never_appears_in_logs_errors_debug_output_metrics_or_re
     let body = InstanceBody {
         name: "Thena Request ID: 1".into(),
         external_id: "thena:T-secret:1".into(),
-        customer_id: None,
-        organization_id: None,
+        customer_id: Link::Keep,
+        organization_id: Link::Keep,
         traits: Map::new(),
     };
     // Vitally wants a customer or organization: a 400 with a body.

@@ -8,7 +8,7 @@ use chrono::Utc;
 use common::*;
 use lapin::{
     BasicProperties,
-    options::{BasicNackOptions, BasicQosOptions},
+    options::BasicQosOptions,
     types::{AMQPValue, FieldTable},
 };
 use secrecy::SecretString;
@@ -314,27 +314,13 @@ async fn a_dead_letter_past_the_delivery_limit_is_parked_by_rabbitmq() {
                 .await
                 .unwrap();
             let channel = broker.channel().await.unwrap();
-            let until = Instant::now() + WAIT;
-            while Instant::now() < until {
-                match channel
-                    .basic_get(topology.dead_queue().into(), Default::default())
-                    .await
-                    .unwrap()
-                {
-                    Some(message) => {
-                        message
-                            .delivery
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..Default::default()
-                            })
-                            .await
-                            .unwrap();
-                    }
-                    None if depth(&channel, &topology.parked_queue()).await == 1 => break,
-                    None => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
+            crash_on(
+                &channel,
+                &topology.dead_queue(),
+                &topology.parked_queue(),
+                WAIT,
+            )
+            .await;
             let parked = take(&channel, &topology.parked_queue(), WAIT)
                 .await
                 .expect("RabbitMQ parked the crash-looping dead letter");
@@ -385,27 +371,13 @@ async fn a_parked_message_past_the_delivery_limit_goes_to_the_dead_queue() {
                 .park(b"{}", &BasicProperties::default(), &failure)
                 .await
                 .unwrap();
-            let until = Instant::now() + WAIT;
-            while Instant::now() < until {
-                match channel
-                    .basic_get(topology.parked_queue().into(), Default::default())
-                    .await
-                    .unwrap()
-                {
-                    Some(message) => {
-                        message
-                            .delivery
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..Default::default()
-                            })
-                            .await
-                            .unwrap();
-                    }
-                    None if depth(&channel, &topology.dead_queue()).await == 1 => break,
-                    None => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
+            crash_on(
+                &channel,
+                &topology.parked_queue(),
+                &topology.dead_queue(),
+                WAIT,
+            )
+            .await;
             let dead = take(&channel, &topology.dead_queue(), WAIT)
                 .await
                 .expect("RabbitMQ handed the parked message to the dead queue");
@@ -435,29 +407,13 @@ async fn rabbitmq_dead_letters_a_message_past_the_delivery_limit_without_our_hea
                 .basic_qos(1, BasicQosOptions::default())
                 .await
                 .unwrap();
-            let until = Instant::now() + WAIT;
-            let mut returns = 0;
-            while Instant::now() < until {
-                match channel
-                    .basic_get(topology.sync_queue().into(), Default::default())
-                    .await
-                    .unwrap()
-                {
-                    Some(message) => {
-                        returns += 1;
-                        message
-                            .delivery
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..Default::default()
-                            })
-                            .await
-                            .unwrap();
-                    }
-                    None if depth(&channel, &topology.dead_queue()).await == 1 => break,
-                    None => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
+            let returns = crash_on(
+                &channel,
+                &topology.sync_queue(),
+                &topology.dead_queue(),
+                WAIT,
+            )
+            .await;
             assert!(returns >= 2, "delivered {returns} times");
             let dead = take(&channel, &topology.dead_queue(), WAIT)
                 .await

@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use common::{depth, eventually, header, take};
+use common::{crash_on, depth, eventually, header, take};
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
@@ -298,32 +298,15 @@ async fn a_poison_message_past_the_delivery_limit_is_parked_while_others_keep_fl
     r.finish().await;
 }
 
-/// Returns every delivery of `from` (a consumer crashing on it) until RabbitMQ moved a
-/// message past the delivery limit into `to`.
-async fn crash_on(broker: &Broker, from: &str, to: &str) {
+/// A consumer crashing on the message in `from` until RabbitMQ moves it to `to`.
+async fn crash_until_moved(broker: &Broker, from: &str, to: &str) {
     let channel = broker.channel().await.unwrap();
-    wait_until(
-        &format!("RabbitMQ moving a message from {from} to {to}"),
-        WAIT,
-        || async {
-            let got = channel
-                .basic_get(from.into(), Default::default())
-                .await
-                .unwrap();
-            match got {
-                Some(message) => {
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    };
-                    message.delivery.nack(requeue).await.unwrap();
-                    None
-                }
-                None => (depth(&channel, to).await == 1).then_some(()),
-            }
-        },
-    )
-    .await;
+    crash_on(&channel, from, to, WAIT).await;
+    assert_eq!(
+        depth(&channel, to).await,
+        1,
+        "RabbitMQ moved it from {from} to {to}"
+    );
     channel.close(200, "done".into()).await.unwrap();
 }
 
@@ -347,7 +330,7 @@ async fn a_dead_letter_rabbitmq_moves_past_the_dead_queue_limit_ends_in_postgres
         .dead_letter(&body, &props, &transient)
         .await
         .unwrap();
-    crash_on(&r.broker, &topology.dead_queue(), &topology.parked_queue()).await;
+    crash_until_moved(&r.broker, &topology.dead_queue(), &topology.parked_queue()).await;
 
     r.start_replayer(HOUR).await;
     let parked = r.wait_parked(1).await;
@@ -373,7 +356,7 @@ async fn a_parked_message_back_from_the_parked_queue_limit_is_stored_once_as_it_
     let event = thena_events::sample::event("W8", 8, 2, None);
     r.park(&event, "vitally_400").await;
     // Storing it keeps failing (crashes before the ack) until RabbitMQ gives up on it.
-    crash_on(&r.broker, &topology.parked_queue(), &topology.dead_queue()).await;
+    crash_until_moved(&r.broker, &topology.parked_queue(), &topology.dead_queue()).await;
 
     r.start_replayer(HOUR).await;
     let parked = r.wait_parked(1).await;

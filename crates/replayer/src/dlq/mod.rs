@@ -28,8 +28,8 @@ use thena_broker::{BrokerError, Publisher, strip_failure_headers};
 use thena_store::{
     Db, DbError,
     dead_letters::{
-        Action, AuditEntry, AuditPage, Claimed, DeadLetter, DeadLetters, Filter, NewAudit, Page,
-        Replay, State,
+        Action, AuditEntry, AuditPage, Claimed, DeadLetter, DeadLetters, Filter, Matched, NewAudit,
+        Page, Replay, State,
     },
 };
 
@@ -211,6 +211,16 @@ impl ReplayOptions {
     }
 }
 
+fn page_limit(limit: i64) -> Result<(), DlqError> {
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(())
+    } else {
+        Err(DlqError::BadOption(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )))
+    }
+}
+
 fn require_actor(actor: &str, why: &str) -> Result<(), DlqError> {
     if actor.trim().is_empty() {
         return Err(DlqError::BadOption(
@@ -363,11 +373,7 @@ impl Dlq {
         limit: i64,
     ) -> Result<Page, DlqError> {
         filter.validate()?;
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(DlqError::BadOption(format!(
-                "limit must be between 1 and {MAX_PAGE}"
-            )));
-        }
+        page_limit(limit)?;
         Ok(self
             .store
             .list(&filter.at(Utc::now()), after, limit)
@@ -412,9 +418,7 @@ impl Dlq {
                 "only parked dead letters can be replayed".into(),
             ));
         }
-        let mut bounded = filter.at(Utc::now());
-        let matched = self.store.matched(&bounded).await?;
-        bounded.up_to = matched.up_to;
+        let (bounded, matched) = self.bounded(filter).await?;
         let audit_id = match matched.count {
             0 => None,
             count => Some(
@@ -566,9 +570,7 @@ impl Dlq {
                 "only parked dead letters can be purged".into(),
             ));
         }
-        let mut bounded = filter.at(Utc::now());
-        let matched = self.store.matched(&bounded).await?;
-        bounded.up_to = matched.up_to;
+        let (bounded, matched) = self.bounded(filter).await?;
         if matched.up_to.is_none() {
             return Ok(PurgeReport {
                 audit_id: None,
@@ -613,6 +615,15 @@ impl Dlq {
         })
     }
 
+    /// The filter at this instant, bounded to what it matches now: an operation on
+    /// "everything matching" does not grow while it runs.
+    async fn bounded(&self, filter: &DlqFilter) -> Result<(Filter, Matched), DlqError> {
+        let mut bounded = filter.at(Utc::now());
+        let matched = self.store.matched(&bounded).await?;
+        bounded.up_to = matched.up_to;
+        Ok((bounded, matched))
+    }
+
     /// The audit trail, newest first: a workspace's, or the whole fleet's.
     pub async fn audit(
         &self,
@@ -620,11 +631,7 @@ impl Dlq {
         before: Option<i64>,
         limit: i64,
     ) -> Result<AuditPage, DlqError> {
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(DlqError::BadOption(format!(
-                "limit must be between 1 and {MAX_PAGE}"
-            )));
-        }
+        page_limit(limit)?;
         Ok(self.store.audit(workspace, before, limit).await?)
     }
 

@@ -384,12 +384,12 @@ async fn replay_rate(dlq: &Dlq, broker: &Broker) -> anyhow::Result<()> {
     let rate = |n: u64, took: Duration| n as f64 / took.as_secs_f64();
     println!();
     println!(
-        "replay of {} dead letters, unlimited rate: {:.0}/s; bare publish+confirm, one at a time: \
-         {:.0}/s ({:.2}x); reading each back alone: {:.0}/s",
+        "replay of {} dead letters, unlimited rate: {:.0}/s, {:.2}x bare publish+confirm one at a \
+         time ({:.0}/s); reading each back alone: {:.0}/s",
         report.replayed,
         rate(report.replayed, replay),
-        rate(REPLAY_BATCH as u64, bare),
         bare.as_secs_f64() / replay.as_secs_f64(),
+        rate(REPLAY_BATCH as u64, bare),
         rate(REPLAY_BATCH as u64, reads),
     );
     Ok(())

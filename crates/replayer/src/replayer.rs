@@ -2,7 +2,7 @@
 //! (publish with confirm, then ack); drains the parked queue into PostgreSQL (store, then
 //! ack); polls queue depths and the parked set into the metrics.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -155,38 +155,28 @@ pub async fn run_replayer_with(
         shutdown.clone(),
     ));
     let topology = deps.broker.topology().clone();
+    let broker = deps.broker.clone();
+    let replayer = Arc::new(Replayer {
+        deps,
+        publisher,
+        config: config.clone(),
+        metrics,
+        shutdown: shutdown.clone(),
+    });
     let dead = {
-        let (deps, config, metrics) = (deps.clone(), config.clone(), metrics.clone());
-        let stop = shutdown.clone();
+        let replayer = replayer.clone();
         move |delivery| {
-            let (deps, publisher) = (deps.clone(), publisher.clone());
-            let (config, metrics, stop) = (config.clone(), metrics.clone(), stop.clone());
-            async move { retry_or_park(delivery, &deps, &publisher, &config, &metrics, &stop).await }
+            let replayer = replayer.clone();
+            async move { replayer.retry_or_park(delivery).await }
         }
     };
-    let parked = {
-        let (deps, config) = (deps.clone(), config.clone());
-        let stop = shutdown.clone();
-        move |delivery| {
-            let (deps, config, stop) = (deps.clone(), config.clone(), stop.clone());
-            async move { store_parked(delivery, &deps, &config, &stop).await }
-        }
+    let parked = move |delivery| {
+        let replayer = replayer.clone();
+        async move { replayer.store_parked(delivery).await }
     };
     tokio::join!(
-        consume_forever(
-            &deps.broker,
-            topology.dead_queue(),
-            &config,
-            &shutdown,
-            dead
-        ),
-        consume_forever(
-            &deps.broker,
-            topology.parked_queue(),
-            &config,
-            &shutdown,
-            parked
-        ),
+        consume_forever(&broker, topology.dead_queue(), &config, &shutdown, dead),
+        consume_forever(&broker, topology.parked_queue(), &config, &shutdown, parked),
     );
     if let Err(error) = poller.await {
         tracing::warn!(%error, "queue depth poller ended abnormally");
@@ -311,141 +301,153 @@ fn event_id(delivery: &Delivery) -> String {
         .unwrap_or_default()
 }
 
-/// A dead letter: to a delay tier, or parked (with its request's ledger line first, as a
-/// consumer does it).
-async fn retry_or_park(
-    delivery: Delivery,
-    deps: &ReplayerDeps,
-    publisher: &Publisher,
-    config: &ReplayerConfig,
-    metrics: &ReplayerMetrics,
-    shutdown: &CancellationToken,
-) {
-    // Poison arrives through the DLX but was published to the requests exchange, with
-    // its routing key kept by dead-lettering: that is where a replay must send it.
-    let Plan { decision, failure } = config.schedule.plan(
-        delivery.properties.headers().as_ref(),
-        &publisher.topology().exchange(),
-        delivery.routing_key.as_str(),
-        Utc::now(),
-    );
-    let event_id = event_id(&delivery);
-    let routing_key = if failure.original_routing_key.is_empty() {
-        delivery.routing_key.to_string()
-    } else {
-        failure.original_routing_key.clone()
-    };
-    let published = match &decision {
-        Decision::Retry {
-            delay, attempts, ..
-        } => {
-            tracing::debug!(%event_id, reason = %failure.reason, attempts, ?delay, "retrying dead letter");
-            publisher
-                .defer(
-                    &delivery.data,
-                    &delivery.properties,
-                    &routing_key,
-                    *delay,
-                    Some(&failure),
-                )
-                .await
-        }
-        Decision::Park { reason } => {
-            tracing::info!(%event_id, %reason, attempts = failure.attempts, last_error = %failure.last_error, "parking dead letter");
-            // A message back from the parked queue was ledgered when it was first parked.
-            let first_park = delivery
-                .properties
-                .headers()
-                .as_ref()
-                .is_none_or(|h| !h.contains_key(PARKED_AT_HEADER));
-            if let Some(event) = thena_events::decode_event(&delivery.data)
-                .ok()
-                .filter(|_| first_park)
-            {
-                let entry = parked_entry(&event, reason, &failure.last_error);
-                let recorded = persist("the ledger line of a park", config, shutdown, || {
-                    deps.ledger.record(entry.clone())
-                })
-                .await;
-                if recorded.is_none() {
-                    // Shutting down: it stays in the dead queue for the next replayer.
-                    return;
-                }
-            }
-            publisher
-                .park(&delivery.data, &delivery.properties, &failure)
-                .await
-        }
-    };
-    match published {
-        Ok(()) => {
-            match &decision {
-                Decision::Retry { .. } => metrics
-                    .retries
-                    .with_label_values(&[failure.reason.as_str()])
-                    .inc(),
-                Decision::Park { reason } => {
-                    metrics.parked.with_label_values(&[reason.as_str()]).inc()
-                }
-            }
-            if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-                // Already republished: the dead letter comes back and is handled twice,
-                // which consumers tolerate (idempotent, version-checked).
-                tracing::warn!(%event_id, %error, "ack after republish failed");
-            }
-        }
-        Err(error) => {
-            tracing::warn!(%event_id, %error, "cannot republish dead letter; it stays in the dead queue");
-            // Do not spin on a broker that keeps refusing: hold the slot a moment.
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            if let Err(error) = delivery.nack(requeue).await {
-                tracing::debug!(%event_id, %error, "requeue failed; the broker returns it on channel close");
-            }
-        }
-    }
+/// What each delivery's handler works with.
+struct Replayer {
+    deps: ReplayerDeps,
+    publisher: Publisher,
+    config: ReplayerConfig,
+    metrics: ReplayerMetrics,
+    shutdown: CancellationToken,
 }
 
-/// A parked message: stored in PostgreSQL (once, however often it is delivered), then
-/// acked. While PostgreSQL cannot take it, it is held, not returned: a return would count
-/// toward the parked queue's delivery limit.
-async fn store_parked(
-    delivery: Delivery,
-    deps: &ReplayerDeps,
-    config: &ReplayerConfig,
-    shutdown: &CancellationToken,
-) {
-    let parked = Parked::read(
-        &delivery.properties,
-        &delivery.data,
-        deps.broker.topology(),
-        Utc::now(),
-    );
-    let history: Option<Entry> = parked.ledger_entry();
-    let stored = persist("a parked message", config, shutdown, || {
-        deps.dead_letters.insert(&parked.letter, history.as_ref())
-    })
-    .await;
-    let Some(stored) = stored else {
-        // Shutting down: the channel's close returns it to the parked queue.
-        return;
-    };
-    let event_id = parked.letter.event_id.as_deref().unwrap_or("-");
-    match stored {
-        Some(id) => {
-            tracing::info!(%event_id, dead_letter = id, reason = %parked.letter.reason, "parked message stored")
+impl Replayer {
+    /// A dead letter: to a delay tier, or parked (with its request's ledger line first, as a
+    /// consumer does it).
+    async fn retry_or_park(&self, delivery: Delivery) {
+        let Replayer {
+            deps,
+            publisher,
+            config,
+            metrics,
+            shutdown,
+        } = self;
+        // Poison arrives through the DLX but was published to the requests exchange, with
+        // its routing key kept by dead-lettering: that is where a replay must send it.
+        let Plan { decision, failure } = config.schedule.plan(
+            delivery.properties.headers().as_ref(),
+            &publisher.topology().exchange(),
+            delivery.routing_key.as_str(),
+            Utc::now(),
+        );
+        let event_id = event_id(&delivery);
+        let routing_key = if failure.original_routing_key.is_empty() {
+            delivery.routing_key.to_string()
+        } else {
+            failure.original_routing_key.clone()
+        };
+        let published = match &decision {
+            Decision::Retry {
+                delay, attempts, ..
+            } => {
+                tracing::debug!(%event_id, reason = %failure.reason, attempts, ?delay, "retrying dead letter");
+                publisher
+                    .defer(
+                        &delivery.data,
+                        &delivery.properties,
+                        &routing_key,
+                        *delay,
+                        Some(&failure),
+                    )
+                    .await
+            }
+            Decision::Park { reason } => {
+                tracing::info!(%event_id, %reason, attempts = failure.attempts, last_error = %failure.last_error, "parking dead letter");
+                // A message back from the parked queue was ledgered when it was first parked.
+                let first_park = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .is_none_or(|h| !h.contains_key(PARKED_AT_HEADER));
+                if let Some(event) = thena_events::decode_event(&delivery.data)
+                    .ok()
+                    .filter(|_| first_park)
+                {
+                    let entry = parked_entry(&event, reason, &failure.last_error);
+                    let recorded = persist("the ledger line of a park", config, shutdown, || {
+                        deps.ledger.record(entry.clone())
+                    })
+                    .await;
+                    if recorded.is_none() {
+                        // Shutting down: it stays in the dead queue for the next replayer.
+                        return;
+                    }
+                }
+                publisher
+                    .park(&delivery.data, &delivery.properties, &failure)
+                    .await
+            }
+        };
+        match published {
+            Ok(()) => {
+                match &decision {
+                    Decision::Retry { .. } => metrics
+                        .retries
+                        .with_label_values(&[failure.reason.as_str()])
+                        .inc(),
+                    Decision::Park { reason } => {
+                        metrics.parked.with_label_values(&[reason.as_str()]).inc()
+                    }
+                }
+                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                    // Already republished: the dead letter comes back and is handled twice,
+                    // which consumers tolerate (idempotent, version-checked).
+                    tracing::warn!(%event_id, %error, "ack after republish failed");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%event_id, %error, "cannot republish dead letter; it stays in the dead queue");
+                // Do not spin on a broker that keeps refusing: hold the slot a moment.
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                if let Err(error) = delivery.nack(requeue).await {
+                    tracing::debug!(%event_id, %error, "requeue failed; the broker returns it on channel close");
+                }
+            }
         }
-        None => tracing::debug!(%event_id, "parked message was already stored (a redelivery)"),
     }
-    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-        // Stored: its redelivery finds the row and stores nothing.
-        tracing::warn!(%event_id, %error, "ack after storing a parked message failed");
+
+    /// A parked message: stored in PostgreSQL (once, however often it is delivered), then
+    /// acked. While PostgreSQL cannot take it, it is held, not returned: a return would count
+    /// toward the parked queue's delivery limit.
+    async fn store_parked(&self, delivery: Delivery) {
+        let Replayer {
+            deps,
+            config,
+            shutdown,
+            ..
+        } = self;
+        let parked = Parked::read(
+            &delivery.properties,
+            &delivery.data,
+            deps.broker.topology(),
+            Utc::now(),
+        );
+        let history: Option<Entry> = parked.ledger_entry();
+        let stored = persist("a parked message", config, shutdown, || {
+            deps.dead_letters.insert(&parked.letter, history.as_ref())
+        })
+        .await;
+        let Some(stored) = stored else {
+            // Shutting down: the channel's close returns it to the parked queue.
+            return;
+        };
+        let event_id = parked.letter.event_id.as_deref().unwrap_or("-");
+        match stored {
+            Some(id) => {
+                tracing::info!(%event_id, dead_letter = id, reason = %parked.letter.reason, "parked message stored")
+            }
+            None => tracing::debug!(%event_id, "parked message was already stored (a redelivery)"),
+        }
+        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+            // Stored: its redelivery finds the row and stores nothing.
+            tracing::warn!(%event_id, %error, "ack after storing a parked message failed");
+        }
     }
 }
 

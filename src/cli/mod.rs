@@ -161,7 +161,7 @@ fn print_config(file: Option<&std::path::Path>) -> anyhow::Result<()> {
     }
     println!(
         "/readyz checks: producer — broker, postgres; consumer — broker, redis, postgres, \
-         integrations_key; replayer — broker."
+         integrations_key; replayer — broker, postgres."
     );
     Config::load(file)?;
     println!("The configuration is valid.");

@@ -80,7 +80,7 @@ pub enum RequestsCommand {
 
 #[derive(clap::Args)]
 pub struct FilterArgs {
-    /// synced, skipped, deferred, held, retried or parked.
+    /// synced, skipped, deferred, held, retried, parked or replayed.
     #[arg(long)]
     outcome: Option<String>,
     /// e.g. domain_unknown, vitally_400.

@@ -394,6 +394,12 @@ impl Chaos {
             "{}: a transient fault parks nothing",
             self.name
         );
+        assert_eq!(
+            self.fleet.parked().await,
+            0,
+            "{}: nothing in the parked set",
+            self.name
+        );
         assert_eq!(self.count("parked", None), 0, "{}: parked", self.name);
 
         // Every event the in-process consumers saw ended synced or skipped for a reason

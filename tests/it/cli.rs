@@ -79,6 +79,31 @@ async fn park(broker: &Broker, workspace: &str, request_id: u64, reason: &str) -
     event.event_id.to_string()
 }
 
+/// Lets a replayer drain the parked queue into the parked set until it holds `n`.
+async fn stored(env: &TestEnv, broker: &Broker, n: u64) {
+    let db = env.db().await;
+    let registry = prometheus::Registry::new();
+    let metrics = thena_replayer::ReplayerMetrics::register(&registry).unwrap();
+    let deps = thena_replayer::ReplayerDeps::new(broker.clone(), db.clone());
+    let schedule = thena_replayer::RetrySchedule::for_topology(broker.topology());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let replayer = tokio::spawn(thena_replayer::run_replayer(
+        deps,
+        schedule,
+        metrics,
+        shutdown.clone(),
+    ));
+    let store = thena_store::dead_letters::DeadLetters::new(db);
+    thena_testkit::wait_until(
+        &format!("{n} parked messages stored"),
+        std::time::Duration::from_secs(10),
+        || async { (store.stats().await.ok()?.parked == n).then_some(()) },
+    )
+    .await;
+    shutdown.cancel();
+    replayer.await.unwrap().unwrap();
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/etc/hostname")
         .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
@@ -94,11 +119,12 @@ async fn dlq_on_an_empty_queue_succeeds_and_says_there_is_nothing_to_do() {
     let channel = broker.channel().await.unwrap();
     env.topology.declare(&channel).await.unwrap();
 
-    let nothing = "no matching messages in the parked queue: nothing to do\n";
+    let nothing = "no matching parked messages: nothing to do\n";
     for args in [
         &["dlq", "list"][..],
         &["dlq", "replay"],
         &["dlq", "replay", "--dry-run"],
+        &["dlq", "purge"],
     ] {
         let out = run(&env, args, &[]);
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
@@ -107,12 +133,7 @@ async fn dlq_on_an_empty_queue_succeeds_and_says_there_is_nothing_to_do() {
     }
     // A filter that matches nothing says exactly the same.
     park(&broker, "WCLI", 1, "no_integration").await;
-    thena_testkit::wait_until(
-        "the parked message",
-        std::time::Duration::from_secs(5),
-        || async { (env.queue_depth(&env.topology.parked_queue()).await.ok()? == 1).then_some(()) },
-    )
-    .await;
+    stored(&env, &broker, 1).await;
     for args in [
         &["dlq", "list", "--workspace", "WOTHER"][..],
         &["dlq", "replay", "--reason", "vitally_400"],
@@ -139,12 +160,7 @@ async fn dlq_replay_prints_each_audit_line_once_by_the_host_when_user_is_unset()
     let channel = broker.channel().await.unwrap();
     env.topology.declare(&channel).await.unwrap();
     let event_id = park(&broker, "WCLI", 7, "vitally_400").await;
-    thena_testkit::wait_until(
-        "the parked message",
-        std::time::Duration::from_secs(5),
-        || async { (env.queue_depth(&env.topology.parked_queue()).await.ok()? == 1).then_some(()) },
-    )
-    .await;
+    stored(&env, &broker, 1).await;
 
     let out = run(&env, &["dlq", "replay", "--why", "INC-7 fixed"], &[]);
     let (text, errors) = (stdout(&out), stderr(&out));
@@ -159,20 +175,20 @@ async fn dlq_replay_prints_each_audit_line_once_by_the_host_when_user_is_unset()
     );
     assert!(!text.contains("unknown"), "{text}");
     assert!(
-        text.ends_with("replay: 1 matched, 1 replayed, 0 skipped (not matching), 0 failed\n"),
+        text.ends_with("replay: 1 matched, 1 replayed, 0 already gone, 0 failed (audit 1)\n"),
         "{text}"
+    );
+    assert_eq!(
+        env.queue_depth(&env.topology.sync_queue()).await.unwrap(),
+        1,
+        "sent back to its route"
     );
     // Nothing on stderr: no log copy of the audit line, no error from closing the broker.
     assert_eq!(errors, "", "stderr");
 
     // --actor wins over $USER.
     park(&broker, "WCLI", 8, "vitally_400").await;
-    thena_testkit::wait_until(
-        "the parked message",
-        std::time::Duration::from_secs(5),
-        || async { (env.queue_depth(&env.topology.parked_queue()).await.ok()? == 1).then_some(()) },
-    )
-    .await;
+    stored(&env, &broker, 1).await;
     let out = run(
         &env,
         &["dlq", "replay", "--dry-run", "--actor", "oncall-ana"],
@@ -191,6 +207,25 @@ async fn dlq_replay_prints_each_audit_line_once_by_the_host_when_user_is_unset()
     );
     let out = run(&env, &["dlq", "replay", "--dry-run"], &[("USER", "ana")]);
     assert!(stdout(&out).contains("by \"ana\""), "{}", stdout(&out));
+    assert!(
+        stdout(&out).ends_with("dry run: 1 message(s) would be replayed (audit 3)\n"),
+        "{}",
+        stdout(&out)
+    );
+    // The audit trail has both dry runs and the replay, newest first.
+    let out = run(&env, &["dlq", "audit"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let trail: Vec<String> = stdout(&out).lines().skip(1).map(str::to_owned).collect();
+    assert_eq!(trail.len(), 3, "{}", stdout(&out));
+    assert!(
+        trail[0].contains("ana") && trail[0].contains("replay (dry run)"),
+        "{trail:?}"
+    );
+    assert!(trail[1].contains("oncall-ana"), "{trail:?}");
+    assert!(
+        trail[2].contains(&host_name()) && trail[2].contains("INC-7 fixed"),
+        "{trail:?}"
+    );
 
     let _ = channel.close(200, "done".into()).await;
     broker.close().await;
@@ -204,23 +239,31 @@ async fn dlq_purge_without_confirmation_names_the_flag_it_wants() {
     let channel = broker.channel().await.unwrap();
     env.topology.declare(&channel).await.unwrap();
     park(&broker, "WCLI", 9, "no_integration").await;
-    thena_testkit::wait_until(
-        "the parked message",
-        std::time::Duration::from_secs(5),
-        || async { (env.queue_depth(&env.topology.parked_queue()).await.ok()? == 1).then_some(()) },
-    )
-    .await;
+    stored(&env, &broker, 1).await;
 
     let out = run(&env, &["dlq", "purge"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         stderr(&out),
-        "error: refusing to purge the parked queue (1 messages) without --yes-really \
-         (irreversible)\n"
+        "error: refusing to purge 1 parked message(s) without confirmation (irreversible); \
+         add --yes-really\n"
     );
-    let out = run(&env, &["dlq", "purge", "--yes-really"], &[]);
+    let out = run(&env, &["dlq", "list"], &[]);
+    assert_eq!(
+        stdout(&out).lines().count(),
+        2,
+        "still parked: {}",
+        stdout(&out)
+    );
+    let out = run(
+        &env,
+        &["dlq", "purge", "--yes-really", "--why", "test tenant"],
+        &[],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "purged 1 messages from the parked queue\n");
+    assert_eq!(stdout(&out), "purged 1 parked message(s) (audit 1)\n");
+    let out = run(&env, &["dlq", "list", "--state", "purged"], &[]);
+    assert!(stdout(&out).contains("purged"), "{}", stdout(&out));
 
     let _ = channel.close(200, "done".into()).await;
     broker.close().await;
@@ -230,7 +273,7 @@ async fn dlq_purge_without_confirmation_names_the_flag_it_wants() {
 #[test]
 fn every_dlq_flag_and_argument_has_help_text() {
     let env = TestEnv::new();
-    for sub in ["list", "show", "replay", "purge"] {
+    for sub in ["list", "show", "replay", "purge", "audit"] {
         let out = run(&env, &["dlq", sub, "-h"], &[]);
         assert!(out.status.success(), "{sub}: {}", stderr(&out));
         let help = stdout(&out);
@@ -482,7 +525,7 @@ async fn dlq_list_shows_what_waits_in_the_delay_queues_and_refuses_to_replay_the
         let out = run(&env, args, &[]);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         assert!(
-            stderr(&out).contains("the delay queues can be listed and shown"),
+            stderr(&out).contains("the delay queue can be listed and shown"),
             "{}",
             stderr(&out)
         );

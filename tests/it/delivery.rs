@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use fake_vitally::{Fault, FaultKind};
 use thena_events::sample;
-use thena_replayer::dlq::{self, DlqFilter, DlqQueue, Page, ReplayOptions};
+use thena_replayer::dlq::{DlqFilter, ReplayOptions, render};
+use thena_store::ledger::Ledger;
 use thena_testkit::wait_until;
 
 use crate::support::{Fleet, WS};
@@ -67,6 +68,7 @@ async fn a_vitally_outage_delays_events_but_delivers_every_one_exactly_once() {
     );
     let parked = fleet.env.topology.parked_queue();
     assert_eq!(fleet.env.queue_depth(&parked).await.unwrap(), 0);
+    assert_eq!(fleet.parked().await, 0);
     let dead = fleet.env.topology.dead_queue();
     wait_until(
         "the dead-letter queue to drain",
@@ -126,14 +128,19 @@ async fn a_permanent_error_parks_the_event_until_a_replay_after_the_fix_delivers
     fleet.wait_settled(1).await;
     assert_eq!(fleet.count("parked", Some("vitally_400")), 1);
 
-    let parked = DlqFilter {
-        queue: DlqQueue::Parked,
-        ..DlqFilter::default()
-    };
-    let entries = dlq::list(&fleet.broker, &parked, Page::default())
-        .await
-        .unwrap();
-    println!("{}", dlq::render_table(&entries));
+    // The replayer drains the parked queue into the parked set.
+    let dlq = fleet.dlq();
+    let all = DlqFilter::default();
+    let entries = wait_until(
+        "the parked message in PostgreSQL",
+        Duration::from_secs(10),
+        || async {
+            let page = dlq.list(&all, None, 50).await.ok()?;
+            (!page.dead_letters.is_empty()).then_some(page.dead_letters)
+        },
+    )
+    .await;
+    println!("{}", render::parked_table(&entries, chrono::Utc::now()));
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].reason, "vitally_400");
     assert_eq!(entries[0].request_id, Some(500));
@@ -143,21 +150,46 @@ async fn a_permanent_error_parks_the_event_until_a_replay_after_the_fix_delivers
     fleet.take_consumer().stop().await;
     fleet.connect(WS, |_| {}).await;
     fleet.spawn_consumer().await;
-    let options = ReplayOptions {
-        dry_run: false,
+    let options = |dry_run| ReplayOptions {
+        dry_run,
         rate_per_sec: None,
         actor: "on-call".into(),
-        reason: "trait repaired".into(),
+        why: "trait repaired".into(),
     };
-    let report = dlq::replay(&fleet.broker, &parked, &options, |_, _| {})
-        .await
-        .unwrap();
+    let preview = dlq.prepare_replay(&all, &options(true)).await.unwrap();
+    assert_eq!(preview.matched, 1, "1 message would be replayed");
+    let job = dlq.prepare_replay(&all, &options(false)).await.unwrap();
+    let report = dlq.replay(&fleet.publisher, job, |_| {}).await.unwrap();
     assert_eq!(report.replayed, 1);
     all_synced_once(&fleet, 500..501, Duration::from_secs(20)).await;
 
-    let again = dlq::replay(&fleet.broker, &parked, &options, |_, _| {}).await;
-    let replayed_again = again.map(|r| r.replayed).unwrap_or(0);
-    assert_eq!(replayed_again, 0, "a second replay has nothing left to do");
+    let again = dlq.prepare_replay(&all, &options(false)).await.unwrap();
+    assert_eq!(again.matched, 0, "a second replay has nothing left to do");
     assert_eq!(fleet.instances_for(WS, 500).len(), 1);
+    // Where did request 500 go? Parked, replayed, then synced.
+    let record = wait_until(
+        "request 500 synced in the ledger",
+        Duration::from_secs(10),
+        || async {
+            let record = Ledger::read_only(fleet.store.db().clone())
+                .show(WS, 500, 50)
+                .await
+                .ok()??;
+            (record.outcome.as_deref() == Some("synced")).then_some(record)
+        },
+    )
+    .await;
+    let story: Vec<(&str, &str)> = record
+        .history
+        .iter()
+        .map(|h| (h.outcome.as_str(), h.reason.as_str()))
+        .collect();
+    let parked_at = story.iter().position(|s| *s == ("parked", "vitally_400"));
+    let replayed_at = story.iter().position(|s| *s == ("replayed", "vitally_400"));
+    let synced_at = story.iter().rposition(|s| s.0 == "synced");
+    assert!(
+        parked_at < replayed_at && replayed_at < synced_at && parked_at.is_some(),
+        "{story:?}"
+    );
     fleet.stop().await;
 }

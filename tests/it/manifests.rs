@@ -1120,6 +1120,7 @@ fn the_prometheus_rule_carries_the_same_groups_as_alerts_yml() {
     // The cases the brief of the fleet asks an alert for.
     for required in [
         "thena_vitally_event_age_seconds_bucket",
+        "thena_vitally_parked_messages",
         "thena_vitally_parked_oldest_age_seconds",
         "thena_vitally_queue_messages",
         "thena_vitally_vitally_requests_total",

@@ -262,14 +262,16 @@ impl Fleet {
         consumer
     }
 
-    /// Starts the replayer role (dead letters → delay tiers or parked).
+    /// Starts the replayer role (dead letters → delay tiers or parked; the parked queue
+    /// drained into PostgreSQL).
     pub async fn spawn_replayer(&mut self) {
         let registry = Registry::new();
         let metrics = thena_replayer::ReplayerMetrics::register(&registry).expect("metrics");
         let schedule = thena_replayer::RetrySchedule::for_topology(self.broker.topology());
+        let deps = thena_replayer::ReplayerDeps::new(self.broker.clone(), self.store.db().clone());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(thena_replayer::run_replayer(
-            self.broker.clone(),
+            deps,
             schedule,
             metrics,
             shutdown.clone(),
@@ -279,6 +281,20 @@ impl Fleet {
             shutdown,
             task,
         });
+    }
+
+    /// The parked set's operations, as `dlq`, the admin API and the console use them.
+    pub fn dlq(&self) -> thena_replayer::dlq::Dlq {
+        thena_replayer::dlq::Dlq::new(self.store.db().clone())
+    }
+
+    /// Messages parked in PostgreSQL (waiting for a human) right now.
+    pub async fn parked(&self) -> u64 {
+        thena_store::dead_letters::DeadLetters::new(self.store.db().clone())
+            .stats()
+            .await
+            .expect("parked set")
+            .parked
     }
 
     pub async fn publish(&self, event: &RequestChanged) {

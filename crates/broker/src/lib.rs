@@ -10,7 +10,7 @@
 //!   {p}.requests.delay.{ms}ms (fanout ► quorum, TTL)     ▼
 //!                    ▲                      {p}.requests.dlx (fanout) ──► {p}.requests.dead (quorum)
 //!                    └─────────── replayer: retry ◄──────────────────────────────┘
-//!                                 replayer: park ──► {p}.requests.parked (classic, for humans)
+//!                                 replayer: park ──► {p}.requests.parked (quorum) ──► PostgreSQL
 //! ```
 
 mod broker;

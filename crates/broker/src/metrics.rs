@@ -1,6 +1,6 @@
 //! Queue depth gauges, filled by whoever polls the broker (the replayer).
 
-use prometheus::{Gauge, IntCounter, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
 
 /// `queue` label values of [`BrokerMetrics::queue_messages`].
 pub const QUEUE_LABELS: [&str; 4] = ["sync", "dead", "parked", "delay"];
@@ -9,10 +9,8 @@ pub const QUEUE_LABELS: [&str; 4] = ["sync", "dead", "parked", "delay"];
 pub struct BrokerMetrics {
     /// `thena_vitally_queue_messages{queue="sync|dead|parked|delay"}` (delay: all tiers).
     pub queue_messages: IntGaugeVec,
-    /// `thena_vitally_parked_oldest_age_seconds`: 0 when nothing is parked.
-    pub parked_oldest_age_seconds: Gauge,
-    /// `thena_vitally_queue_depth_polls_total`: completed polls of the depths and the
-    /// oldest parked message.
+    /// `thena_vitally_queue_depth_polls_total`: completed polls of the depths (and, by the
+    /// replayer, of the parked set).
     pub depth_polls: IntCounter,
 }
 
@@ -25,23 +23,17 @@ impl BrokerMetrics {
             ),
             &["queue"],
         )?;
-        let parked_oldest_age_seconds = Gauge::with_opts(Opts::new(
-            "thena_vitally_parked_oldest_age_seconds",
-            "Age of the oldest parked message (since it was parked), 0 when none.",
-        ))?;
         let depth_polls = IntCounter::new(
             "thena_vitally_queue_depth_polls_total",
-            "Completed polls of the queue depths and of the oldest parked message.",
+            "Completed polls of the queue depths and of the parked set.",
         )?;
         registry.register(Box::new(depth_polls.clone()))?;
         registry.register(Box::new(queue_messages.clone()))?;
-        registry.register(Box::new(parked_oldest_age_seconds.clone()))?;
         for queue in QUEUE_LABELS {
             queue_messages.with_label_values(&[queue]).set(0);
         }
         Ok(BrokerMetrics {
             queue_messages,
-            parked_oldest_age_seconds,
             depth_polls,
         })
     }

@@ -82,7 +82,8 @@ impl Topology {
         format!("{}.requests.dead", self.prefix)
     }
 
-    /// Messages that will not be retried automatically; for humans (`dlq` CLI).
+    /// Messages that will not be retried automatically, on their way to the parked set
+    /// (PostgreSQL), where humans see them (`dlq`, the admin API, the console).
     pub fn parked_queue(&self) -> String {
         format!("{}.requests.parked", self.prefix)
     }
@@ -184,14 +185,22 @@ impl Topology {
         declare_queue(channel, &self.dead_queue(), dead_args).await?;
         bind(channel, &self.dead_queue(), &self.dlx(), "").await?;
 
-        // Parked messages wait for humans, who browse them (`dlq list/show`) and the
-        // replayer peeks at the oldest every poll: both fetch and return messages. On a
-        // quorum queue every return counts as a delivery (x-delivery-count), and on 4.x
-        // the 20th drops the message. A classic queue has no delivery limit and returns
-        // a message to its place, so browsing never costs a parked message; nothing
-        // dead-letters from it (no TTL, no length limit, no delivery limit).
-        let mut parked_args = FieldTable::default();
-        parked_args.insert("x-queue-type".into(), long_string("classic"));
+        // The parked queue is a hand-off: the replayer drains it into PostgreSQL (the
+        // parked set people page and replay) and nothing browses it, so it is a quorum
+        // queue like the others (replicated on a cluster). Its delivery limit only counts
+        // drains that crashed before their ack; past it RabbitMQ hands the message to the
+        // dead queue, whose replayer parks it again as it was — never dropped.
+        let mut parked_args = quorum_args();
+        parked_args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        parked_args.insert("x-dead-letter-exchange".into(), long_string(&self.dlx()));
+        parked_args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
+        parked_args.insert("x-overflow".into(), long_string("reject-publish"));
         declare_queue(channel, &self.parked_queue(), parked_args).await?;
 
         for tier in 0..self.delay_tiers.len().max(1) {

@@ -8,7 +8,7 @@ use chrono::Utc;
 use common::*;
 use lapin::{
     BasicProperties,
-    options::{BasicNackOptions, BasicQosOptions},
+    options::BasicQosOptions,
     types::{AMQPValue, FieldTable},
 };
 use secrecy::SecretString;
@@ -314,31 +314,76 @@ async fn a_dead_letter_past_the_delivery_limit_is_parked_by_rabbitmq() {
                 .await
                 .unwrap();
             let channel = broker.channel().await.unwrap();
-            let until = Instant::now() + WAIT;
-            while Instant::now() < until {
-                match channel
-                    .basic_get(topology.dead_queue().into(), Default::default())
-                    .await
-                    .unwrap()
-                {
-                    Some(message) => {
-                        message
-                            .delivery
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..Default::default()
-                            })
-                            .await
-                            .unwrap();
-                    }
-                    None if depth(&channel, &topology.parked_queue()).await == 1 => break,
-                    None => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
+            crash_on(
+                &channel,
+                &topology.dead_queue(),
+                &topology.parked_queue(),
+                WAIT,
+            )
+            .await;
             let parked = take(&channel, &topology.parked_queue(), WAIT)
                 .await
                 .expect("RabbitMQ parked the crash-looping dead letter");
             assert_eq!(parked.delivery.data, b"{}");
+        },
+    )
+    .await;
+}
+
+/// The parked queue is a quorum queue (replicated) with an explicit delivery limit and
+/// target: a parked message whose storing keeps failing goes to the dead queue (whose
+/// replayer parks it again), never dropped.
+#[tokio::test]
+async fn a_parked_message_past_the_delivery_limit_goes_to_the_dead_queue() {
+    with_broker(
+        test_topology().with_delivery_limit(2),
+        |broker| async move {
+            let topology = broker.topology().clone();
+            let channel = broker.channel().await.unwrap();
+            // RabbitMQ refuses a redeclare with another queue type: it is not classic.
+            let probe = broker.channel().await.unwrap();
+            let mut classic = FieldTable::default();
+            classic.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("classic".into()),
+            );
+            let redeclared = probe
+                .queue_declare(
+                    topology.parked_queue().as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    classic,
+                )
+                .await;
+            assert!(redeclared.is_err(), "the parked queue is a classic queue");
+            let publisher = broker.publisher().await.unwrap();
+            let failure = Failure::new(
+                FailureClass::Permanent,
+                "vitally_400",
+                "400",
+                topology.exchange(),
+                "request.T0WS8",
+                Utc::now(),
+            );
+            publisher
+                .park(b"{}", &BasicProperties::default(), &failure)
+                .await
+                .unwrap();
+            crash_on(
+                &channel,
+                &topology.parked_queue(),
+                &topology.dead_queue(),
+                WAIT,
+            )
+            .await;
+            let dead = take(&channel, &topology.dead_queue(), WAIT)
+                .await
+                .expect("RabbitMQ handed the parked message to the dead queue");
+            let headers = dead.delivery.properties.headers().clone().unwrap();
+            assert_eq!(Failure::from_headers(&headers), Some(failure));
+            assert!(header(&dead, PARKED_AT_HEADER).is_some());
         },
     )
     .await;
@@ -362,29 +407,13 @@ async fn rabbitmq_dead_letters_a_message_past_the_delivery_limit_without_our_hea
                 .basic_qos(1, BasicQosOptions::default())
                 .await
                 .unwrap();
-            let until = Instant::now() + WAIT;
-            let mut returns = 0;
-            while Instant::now() < until {
-                match channel
-                    .basic_get(topology.sync_queue().into(), Default::default())
-                    .await
-                    .unwrap()
-                {
-                    Some(message) => {
-                        returns += 1;
-                        message
-                            .delivery
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..Default::default()
-                            })
-                            .await
-                            .unwrap();
-                    }
-                    None if depth(&channel, &topology.dead_queue()).await == 1 => break,
-                    None => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
+            let returns = crash_on(
+                &channel,
+                &topology.sync_queue(),
+                &topology.dead_queue(),
+                WAIT,
+            )
+            .await;
             assert!(returns >= 2, "delivered {returns} times");
             let dead = take(&channel, &topology.dead_queue(), WAIT)
                 .await

@@ -10,6 +10,7 @@ use axum::{
 };
 use thena_broker::{Broker, Publisher};
 use thena_events::Limits;
+use thena_replayer::dlq::Dlq;
 use thena_runtime::ops::Readiness;
 use thena_store::ledger::Ledger;
 use tokio::net::TcpListener;
@@ -17,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use vitally_client::{client::VitallyHttp, integrations::IntegrationStore};
 
 use crate::{
-    OPENAPI_JSON, admin, auth, config::ProducerConfig, error, ingest, metrics::IngestMetrics,
+    OPENAPI_JSON, admin, auth, config::ProducerConfig, dead_letters::routes as dead_letters, error,
+    ingest, metrics::IngestMetrics,
 };
 
 /// How often the "broker" and "postgres" readiness checks are refreshed.
@@ -44,11 +46,13 @@ struct Inner {
     metrics: IngestMetrics,
     limits: Limits,
     ledger: Ledger,
+    dlq: Dlq,
 }
 
 impl AppState {
     pub fn new(config: ProducerConfig, deps: AppDeps, metrics: IngestMetrics) -> Self {
         let ledger = Ledger::read_only(deps.integrations.db().clone());
+        let dlq = Dlq::new(deps.integrations.db().clone());
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -56,6 +60,7 @@ impl AppState {
                 metrics,
                 limits: Limits::default(),
                 ledger,
+                dlq,
             }),
         }
     }
@@ -94,6 +99,11 @@ impl AppState {
 
     pub(crate) fn ledger(&self) -> &Ledger {
         &self.inner.ledger
+    }
+
+    /// The parked set's operations (the library `dlq` and the console use too).
+    pub fn dlq(&self) -> &Dlq {
+        &self.inner.dlq
     }
 }
 
@@ -160,6 +170,39 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/integrations/{workspace_id}/requests/{request_id}",
             get(admin::show_request),
+        )
+        .route("/v1/dead-letters", get(dead_letters::list_all))
+        .route("/v1/dead-letters/replay", post(dead_letters::replay_all))
+        .route("/v1/dead-letters/purge", post(dead_letters::purge_all))
+        .route("/v1/dead-letters/audit", get(dead_letters::audit_all))
+        .route(
+            "/v1/dead-letters/audit/{audit_id}",
+            get(dead_letters::audit_entry_any),
+        )
+        .route("/v1/dead-letters/{id}", get(dead_letters::show_any))
+        .route(
+            "/v1/integrations/{workspace_id}/dead-letters",
+            get(dead_letters::list_of),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/dead-letters/replay",
+            post(dead_letters::replay_of),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/dead-letters/purge",
+            post(dead_letters::purge_of),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/dead-letters/audit",
+            get(dead_letters::audit_of),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/dead-letters/audit/{audit_id}",
+            get(dead_letters::audit_entry_of),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/dead-letters/{id}",
+            get(dead_letters::show_of),
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

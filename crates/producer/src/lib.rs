@@ -10,6 +10,7 @@ mod admin;
 mod app;
 mod auth;
 mod config;
+mod dead_letters;
 pub mod emit;
 mod error;
 pub mod ingest;

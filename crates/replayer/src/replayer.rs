@@ -1,7 +1,8 @@
-//! The replayer role: consumes the dead queue, carries out [`RetrySchedule::plan`]
-//! (publish with confirm, then ack), and polls queue depths into the metrics.
+//! The replayer role: consumes the dead queue and carries out [`RetrySchedule::plan`]
+//! (publish with confirm, then ack); drains the parked queue into PostgreSQL (store, then
+//! ack); polls queue depths and the parked set into the metrics.
 
-use std::time::Duration;
+use std::{future::Future, sync::Arc, time::Duration};
 
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -9,26 +10,39 @@ use lapin::{
     Channel,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions,
-        BasicNackOptions, BasicQosOptions, BasicRejectOptions, QueueDeclareOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicQosOptions, QueueDeclareOptions,
     },
     types::FieldTable,
 };
-use prometheus::{IntCounterVec, Opts, Registry};
-use thena_broker::{Broker, BrokerMetrics, PARKED_AT_HEADER, Publisher, header_str};
+use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
+use thena_broker::{Broker, BrokerMetrics, PARKED_AT_HEADER, Publisher};
+use thena_store::{
+    DbError,
+    dead_letters::DeadLetters,
+    ledger::{Entry, Ledger},
+};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::schedule::{Decision, Plan, RetrySchedule};
+use crate::{
+    parked::{Parked, parked_entry},
+    schedule::{Decision, Plan, RetrySchedule},
+};
+
+/// Replayed and purged dead letters are deleted this long after they were settled.
+pub const SETTLED_RETENTION: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+/// How often the settled ones are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60 * 60);
 
 #[derive(Debug, Clone)]
 pub struct ReplayerConfig {
     pub schedule: RetrySchedule,
-    /// Dead letters handled at once.
+    /// Dead letters (and parked messages) handled at once.
     pub prefetch: u16,
-    /// How often queue depths and the oldest parked age are refreshed.
+    /// How often queue depths and the parked set's count and oldest age are refreshed.
     pub depth_poll_interval: Duration,
-    /// Longest wait between reconnection attempts.
+    /// Longest wait between reconnection attempts, and between attempts to store.
     pub max_reconnect_backoff: Duration,
 }
 
@@ -50,18 +64,14 @@ pub struct ReplayerMetrics {
     pub retries: IntCounterVec,
     /// `thena_vitally_replayer_parked_total{reason}`: dead letters parked.
     pub parked: IntCounterVec,
+    /// `thena_vitally_parked_messages`: parked messages waiting for a human (PostgreSQL).
+    pub parked_messages: IntGauge,
+    /// `thena_vitally_parked_oldest_age_seconds`: 0 when nothing is parked.
+    pub parked_oldest_age_seconds: Gauge,
 }
 
 impl ReplayerMetrics {
     pub fn register(registry: &Registry) -> Result<ReplayerMetrics, prometheus::Error> {
-        ReplayerMetrics::register_with(registry, BrokerMetrics::register(registry)?)
-    }
-
-    /// When the process already registered [`BrokerMetrics`] (e.g. the all-in-one demo).
-    pub fn register_with(
-        registry: &Registry,
-        broker: BrokerMetrics,
-    ) -> Result<ReplayerMetrics, prometheus::Error> {
         let retries = IntCounterVec::new(
             Opts::new(
                 "thena_vitally_replayer_retries_total",
@@ -76,53 +86,128 @@ impl ReplayerMetrics {
             ),
             &["reason"],
         )?;
+        let parked_messages = IntGauge::new(
+            "thena_vitally_parked_messages",
+            "Parked messages waiting for a human (the parked set in PostgreSQL).",
+        )?;
+        let parked_oldest_age_seconds = Gauge::with_opts(Opts::new(
+            "thena_vitally_parked_oldest_age_seconds",
+            "Age of the oldest parked message (since it was parked), 0 when none.",
+        ))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(parked.clone()))?;
+        registry.register(Box::new(parked_messages.clone()))?;
+        registry.register(Box::new(parked_oldest_age_seconds.clone()))?;
         Ok(ReplayerMetrics {
-            broker,
+            broker: BrokerMetrics::register(registry)?,
             retries,
             parked,
+            parked_messages,
+            parked_oldest_age_seconds,
         })
+    }
+}
+
+/// What the replayer works with: the broker, and PostgreSQL for the parked set and the
+/// request ledger.
+#[derive(Clone, Debug)]
+pub struct ReplayerDeps {
+    pub broker: Broker,
+    pub dead_letters: DeadLetters,
+    pub ledger: Ledger,
+}
+
+impl ReplayerDeps {
+    /// The ledger writer runs until the last clone of this is dropped.
+    pub fn new(broker: Broker, db: thena_store::Db) -> ReplayerDeps {
+        ReplayerDeps {
+            broker,
+            ledger: Ledger::start(db.clone()),
+            dead_letters: DeadLetters::new(db),
+        }
     }
 }
 
 /// Runs until `shutdown` is cancelled, with the default prefetch and poll interval.
 pub async fn run_replayer(
-    broker: Broker,
+    deps: ReplayerDeps,
     schedule: RetrySchedule,
     metrics: ReplayerMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    run_replayer_with(broker, ReplayerConfig::new(schedule), metrics, shutdown).await
+    run_replayer_with(deps, ReplayerConfig::new(schedule), metrics, shutdown).await
 }
 
-/// Runs until `shutdown` is cancelled. Reconnects and resubscribes whenever the broker
-/// goes away or cancels the consumer; in-flight dead letters finish before it returns.
+/// Runs until `shutdown` is cancelled. Each queue's consumer reconnects and resubscribes
+/// whenever the broker goes away or cancels it; in-flight messages finish before it
+/// returns.
 pub async fn run_replayer_with(
-    broker: Broker,
+    deps: ReplayerDeps,
     config: ReplayerConfig,
     metrics: ReplayerMetrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let publisher = broker.publisher().await?;
-    let poller = tokio::spawn(poll_depths(
-        broker.clone(),
-        metrics.broker.clone(),
+    let publisher = deps.broker.publisher().await?;
+    let poller = tokio::spawn(poll(
+        deps.clone(),
+        metrics.clone(),
         config.depth_poll_interval,
         shutdown.clone(),
     ));
+    let topology = deps.broker.topology().clone();
+    let broker = deps.broker.clone();
+    let replayer = Arc::new(Replayer {
+        deps,
+        publisher,
+        config: config.clone(),
+        metrics,
+        shutdown: shutdown.clone(),
+    });
+    let dead = {
+        let replayer = replayer.clone();
+        move |delivery| {
+            let replayer = replayer.clone();
+            async move { replayer.retry_or_park(delivery).await }
+        }
+    };
+    let parked = move |delivery| {
+        let replayer = replayer.clone();
+        async move { replayer.store_parked(delivery).await }
+    };
+    tokio::join!(
+        consume_forever(&broker, topology.dead_queue(), &config, &shutdown, dead),
+        consume_forever(&broker, topology.parked_queue(), &config, &shutdown, parked),
+    );
+    if let Err(error) = poller.await {
+        tracing::warn!(%error, "queue depth poller ended abnormally");
+    }
+    tracing::info!("replayer stopped");
+    Ok(())
+}
+
+/// Consumes `queue` with `handle` until `shutdown`, reconnecting with backoff.
+async fn consume_forever<H, Fut>(
+    broker: &Broker,
+    queue: String,
+    config: &ReplayerConfig,
+    shutdown: &CancellationToken,
+    handle: H,
+) where
+    H: Fn(Delivery) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
-        match consume(&broker, &publisher, &config, &metrics, &shutdown).await {
+        match consume(broker, &queue, config.prefetch, shutdown, &handle).await {
             Ok(Consumed::Stopped) => break,
             Ok(Consumed::Ended { handled }) => {
-                tracing::warn!("dead-letter consumer was cancelled by the broker; resubscribing");
+                tracing::warn!(%queue, "the broker cancelled the replayer's consumer; resubscribing");
                 if handled > 0 {
                     backoff = Duration::from_millis(100);
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "replayer lost the broker; reconnecting");
+                tracing::warn!(%queue, %error, retry_in = ?backoff, "replayer lost the broker; reconnecting");
             }
         }
         tokio::select! {
@@ -131,11 +216,6 @@ pub async fn run_replayer_with(
         }
         backoff = (backoff * 2).min(config.max_reconnect_backoff);
     }
-    if let Err(error) = poller.await {
-        tracing::warn!(%error, "queue depth poller ended abnormally");
-    }
-    tracing::info!("replayer stopped");
-    Ok(())
 }
 
 enum Consumed {
@@ -145,30 +225,33 @@ enum Consumed {
     Ended { handled: u64 },
 }
 
-async fn consume(
+async fn consume<H, Fut>(
     broker: &Broker,
-    publisher: &Publisher,
-    config: &ReplayerConfig,
-    metrics: &ReplayerMetrics,
+    queue: &str,
+    prefetch: u16,
     shutdown: &CancellationToken,
-) -> anyhow::Result<Consumed> {
+    handle: &H,
+) -> anyhow::Result<Consumed>
+where
+    H: Fn(Delivery) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let channel = broker.channel().await?;
-    let topology = broker.topology();
-    // The dead queue may have been deleted while we were away.
-    topology.declare(&channel).await?;
+    // The queue may have been deleted while we were away.
+    broker.topology().declare(&channel).await?;
     channel
-        .basic_qos(config.prefetch, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let tag = format!("replayer-{}", uuid::Uuid::new_v4().simple());
     let mut consumer = channel
         .basic_consume(
-            topology.dead_queue().into(),
+            queue.into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    tracing::info!(queue = %topology.dead_queue(), "replayer consuming dead letters");
+    tracing::info!(%queue, "replayer consuming");
 
     let mut tasks = JoinSet::new();
     let mut handled = 0u64;
@@ -176,35 +259,29 @@ async fn consume(
         tokio::select! {
             () = shutdown.cancelled() => {
                 if let Err(error) = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
-                    tracing::debug!(%error, "cancelling the dead-letter consumer failed");
+                    tracing::debug!(%error, "cancelling the replayer's consumer failed");
                 }
                 break Ok(Consumed::Stopped);
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     handled += 1;
-                    tasks.spawn(handle(
-                        delivery,
-                        publisher.clone(),
-                        config.schedule.clone(),
-                        metrics.clone(),
-                        shutdown.clone(),
-                    ));
+                    tasks.spawn(handle(delivery));
                 }
                 Some(Err(error)) => break Err(error.into()),
                 None => break Ok(Consumed::Ended { handled }),
             },
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(error) = joined {
-                    tracing::error!(%error, "dead-letter handler panicked");
+                    tracing::error!(%error, %queue, "replayer handler panicked");
                 }
             }
         }
     };
-    // Finish what is in flight: each handler publishes, then acks (or requeues).
+    // Finish what is in flight: each handler settles its delivery.
     while let Some(joined) = tasks.join_next().await {
         if let Err(error) = joined {
-            tracing::error!(%error, "dead-letter handler panicked");
+            tracing::error!(%error, %queue, "replayer handler panicked");
         }
     }
     if channel.status().connected()
@@ -215,107 +292,234 @@ async fn consume(
     outcome
 }
 
-async fn handle(
-    delivery: Delivery,
-    publisher: Publisher,
-    schedule: RetrySchedule,
-    metrics: ReplayerMetrics,
-    shutdown: CancellationToken,
-) {
-    // Poison arrives through the DLX but was published to the requests exchange, with
-    // its routing key kept by dead-lettering: that is where a replay must send it.
-    let Plan { decision, failure } = schedule.plan(
-        delivery.properties.headers().as_ref(),
-        &publisher.topology().exchange(),
-        delivery.routing_key.as_str(),
-        Utc::now(),
-    );
-    let event_id = delivery
+fn event_id(delivery: &Delivery) -> String {
+    delivery
         .properties
         .message_id()
         .as_ref()
         .map(|id| id.to_string())
-        .unwrap_or_default();
-    let routing_key = if failure.original_routing_key.is_empty() {
-        delivery.routing_key.to_string()
-    } else {
-        failure.original_routing_key.clone()
-    };
-    let published = match &decision {
-        Decision::Retry {
-            delay, attempts, ..
-        } => {
-            tracing::debug!(%event_id, reason = %failure.reason, attempts, ?delay, "retrying dead letter");
-            publisher
-                .defer(
-                    &delivery.data,
-                    &delivery.properties,
-                    &routing_key,
-                    *delay,
-                    Some(&failure),
-                )
-                .await
-        }
-        Decision::Park { reason } => {
-            tracing::info!(%event_id, %reason, attempts = failure.attempts, last_error = %failure.last_error, "parking dead letter");
-            publisher
-                .park(&delivery.data, &delivery.properties, &failure)
-                .await
-        }
-    };
-    match published {
-        Ok(()) => {
-            match &decision {
-                Decision::Retry { .. } => metrics
-                    .retries
-                    .with_label_values(&[failure.reason.as_str()])
-                    .inc(),
-                Decision::Park { reason } => {
-                    metrics.parked.with_label_values(&[reason.as_str()]).inc()
+        .unwrap_or_default()
+}
+
+/// What each delivery's handler works with.
+struct Replayer {
+    deps: ReplayerDeps,
+    publisher: Publisher,
+    config: ReplayerConfig,
+    metrics: ReplayerMetrics,
+    shutdown: CancellationToken,
+}
+
+impl Replayer {
+    /// A dead letter: to a delay tier, or parked (with its request's ledger line first, as a
+    /// consumer does it).
+    async fn retry_or_park(&self, delivery: Delivery) {
+        let Replayer {
+            deps,
+            publisher,
+            config,
+            metrics,
+            shutdown,
+        } = self;
+        // Poison arrives through the DLX but was published to the requests exchange, with
+        // its routing key kept by dead-lettering: that is where a replay must send it.
+        let Plan { decision, failure } = config.schedule.plan(
+            delivery.properties.headers().as_ref(),
+            &publisher.topology().exchange(),
+            delivery.routing_key.as_str(),
+            Utc::now(),
+        );
+        let event_id = event_id(&delivery);
+        let routing_key = if failure.original_routing_key.is_empty() {
+            delivery.routing_key.to_string()
+        } else {
+            failure.original_routing_key.clone()
+        };
+        let published = match &decision {
+            Decision::Retry {
+                delay, attempts, ..
+            } => {
+                tracing::debug!(%event_id, reason = %failure.reason, attempts, ?delay, "retrying dead letter");
+                publisher
+                    .defer(
+                        &delivery.data,
+                        &delivery.properties,
+                        &routing_key,
+                        *delay,
+                        Some(&failure),
+                    )
+                    .await
+            }
+            Decision::Park { reason } => {
+                tracing::info!(%event_id, %reason, attempts = failure.attempts, last_error = %failure.last_error, "parking dead letter");
+                // A message back from the parked queue was ledgered when it was first parked.
+                let first_park = delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .is_none_or(|h| !h.contains_key(PARKED_AT_HEADER));
+                if let Some(event) = thena_events::decode_event(&delivery.data)
+                    .ok()
+                    .filter(|_| first_park)
+                {
+                    let entry = parked_entry(&event, reason, &failure.last_error);
+                    let recorded = persist("the ledger line of a park", config, shutdown, || {
+                        deps.ledger.record(entry.clone())
+                    })
+                    .await;
+                    if recorded.is_none() {
+                        // Shutting down: it stays in the dead queue for the next replayer.
+                        return;
+                    }
+                }
+                publisher
+                    .park(&delivery.data, &delivery.properties, &failure)
+                    .await
+            }
+        };
+        match published {
+            Ok(()) => {
+                match &decision {
+                    Decision::Retry { .. } => metrics
+                        .retries
+                        .with_label_values(&[failure.reason.as_str()])
+                        .inc(),
+                    Decision::Park { reason } => {
+                        metrics.parked.with_label_values(&[reason.as_str()]).inc()
+                    }
+                }
+                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                    // Already republished: the dead letter comes back and is handled twice,
+                    // which consumers tolerate (idempotent, version-checked).
+                    tracing::warn!(%event_id, %error, "ack after republish failed");
                 }
             }
-            if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-                // Already republished: the dead letter comes back and is handled twice,
-                // which consumers tolerate (idempotent, version-checked).
-                tracing::warn!(%event_id, %error, "ack after republish failed");
+            Err(error) => {
+                tracing::warn!(%event_id, %error, "cannot republish dead letter; it stays in the dead queue");
+                // Do not spin on a broker that keeps refusing: hold the slot a moment.
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                if let Err(error) = delivery.nack(requeue).await {
+                    tracing::debug!(%event_id, %error, "requeue failed; the broker returns it on channel close");
+                }
             }
         }
-        Err(error) => {
-            tracing::warn!(%event_id, %error, "cannot republish dead letter; it stays in the dead queue");
-            // Do not spin on a broker that keeps refusing: hold the slot a moment.
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+
+    /// A parked message: stored in PostgreSQL (once, however often it is delivered), then
+    /// acked. While PostgreSQL cannot take it, it is held, not returned: a return would count
+    /// toward the parked queue's delivery limit.
+    async fn store_parked(&self, delivery: Delivery) {
+        let Replayer {
+            deps,
+            config,
+            shutdown,
+            ..
+        } = self;
+        let parked = Parked::read(
+            &delivery.properties,
+            &delivery.data,
+            deps.broker.topology(),
+            Utc::now(),
+        );
+        let history: Option<Entry> = parked.ledger_entry();
+        let stored = persist("a parked message", config, shutdown, || {
+            deps.dead_letters.insert(&parked.letter, history.as_ref())
+        })
+        .await;
+        let Some(stored) = stored else {
+            // Shutting down: the channel's close returns it to the parked queue.
+            return;
+        };
+        let event_id = parked.letter.event_id.as_deref().unwrap_or("-");
+        match stored {
+            Some(id) => {
+                tracing::info!(%event_id, dead_letter = id, reason = %parked.letter.reason, "parked message stored")
             }
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            if let Err(error) = delivery.nack(requeue).await {
-                tracing::debug!(%event_id, %error, "requeue failed; the broker returns it on channel close");
-            }
+            None => tracing::debug!(%event_id, "parked message was already stored (a redelivery)"),
+        }
+        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+            // Stored: its redelivery finds the row and stores nothing.
+            tracing::warn!(%event_id, %error, "ack after storing a parked message failed");
         }
     }
 }
 
-async fn poll_depths(
-    broker: Broker,
-    metrics: BrokerMetrics,
+/// Runs `write` until it succeeds, backing off while PostgreSQL is unavailable. `None`
+/// when `shutdown` came first.
+async fn persist<T, F, Fut>(
+    what: &str,
+    config: &ReplayerConfig,
+    shutdown: &CancellationToken,
+    mut write: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DbError>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match write().await {
+            Ok(done) => return Some(done),
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "cannot write {what} to PostgreSQL; holding it");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(config.max_reconnect_backoff);
+    }
+}
+
+/// Refreshes the gauges every `interval`: queue depths from RabbitMQ (passive declares,
+/// nothing is fetched), the parked set's count and oldest age from PostgreSQL. Prunes
+/// long-settled dead letters now and then.
+async fn poll(
+    deps: ReplayerDeps,
+    metrics: ReplayerMetrics,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
     let mut channel: Option<Channel> = None;
+    let mut pruned_at: Option<tokio::time::Instant> = None;
     loop {
         let current = match channel.take().filter(|c| c.status().connected()) {
             Some(c) => Ok(c),
-            None => broker.channel().await,
+            None => deps.broker.channel().await,
         };
-        match current {
-            Ok(c) => match refresh_depths(&broker, &c, &metrics).await {
-                Ok(()) => channel = Some(c),
-                Err(error) => tracing::debug!(%error, "queue depth poll failed"),
-            },
-            Err(error) => tracing::debug!(%error, "queue depth poll cannot reach the broker"),
+        let depths = match current {
+            Ok(c) => {
+                let polled = refresh_depths(&deps.broker, &c, &metrics.broker).await;
+                channel = Some(c);
+                polled.map_err(|e| e.to_string())
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        let parked = refresh_parked(&deps.dead_letters, &metrics).await;
+        match (depths, parked) {
+            (Ok(()), Ok(())) => metrics.broker.depth_polls.inc(),
+            (depths, parked) => {
+                tracing::debug!(?depths, ?parked, "queue depth poll failed")
+            }
+        }
+        if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_INTERVAL) {
+            match deps.dead_letters.prune(SETTLED_RETENTION).await {
+                Ok(pruned) => {
+                    pruned_at = Some(tokio::time::Instant::now());
+                    if pruned > 0 {
+                        tracing::info!(pruned, "pruned settled dead letters");
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "pruning settled dead letters failed"),
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -354,10 +558,18 @@ async fn refresh_depths(
         .queue_messages
         .with_label_values(&["delay"])
         .set(delayed);
+    Ok(())
+}
+
+async fn refresh_parked(store: &DeadLetters, metrics: &ReplayerMetrics) -> Result<(), DbError> {
+    let stats = store.stats().await?;
     metrics
-        .parked_oldest_age_seconds
-        .set(oldest_parked_age(channel, &topology.parked_queue()).await?);
-    metrics.depth_polls.inc();
+        .parked_messages
+        .set(i64::try_from(stats.parked).unwrap_or(i64::MAX));
+    let age = stats
+        .oldest_parked_at
+        .map_or(0.0, |at| (Utc::now() - at).as_seconds_f64().max(0.0));
+    metrics.parked_oldest_age_seconds.set(age);
     Ok(())
 }
 
@@ -375,37 +587,8 @@ pub(crate) async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, l
     Ok(declared.message_count())
 }
 
-/// Peeks at the head of the parked queue (the oldest parked message) and puts it back.
-/// The parked queue is a classic queue: the message returns to its place and the peek is
-/// not counted as a delivery (no `x-delivery-count`, no delivery limit to reach).
-async fn oldest_parked_age(channel: &Channel, queue: &str) -> Result<f64, lapin::Error> {
-    let Some(head) = channel
-        .basic_get(queue.into(), BasicGetOptions::default())
-        .await?
-    else {
-        return Ok(0.0);
-    };
-    let parked_at = head
-        .delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| header_str(h, PARKED_AT_HEADER))
-        .and_then(|at| chrono::DateTime::parse_from_rfc3339(&at).ok());
-    head.delivery
-        .reject(BasicRejectOptions { requeue: true })
-        .await?;
-    Ok(parked_at
-        .map(|at| {
-            (Utc::now() - at.with_timezone(&Utc))
-                .as_seconds_f64()
-                .max(0.0)
-        })
-        .unwrap_or(0.0))
-}
-
 /// The replayer as configured (the binary and the demo run it here), keeping the
-/// "broker" readiness check current until `shutdown`.
+/// "broker" and "postgres" readiness checks current until `shutdown`.
 pub async fn run_from_config(
     config: &thena_runtime::Config,
     registry: &Registry,
@@ -417,15 +600,19 @@ pub async fn run_from_config(
     let broker = Broker::connect(config.amqp_url.clone(), "thena-vitally-replayer", topology)
         .await
         .context("cannot connect to RabbitMQ (AMQP_URL)")?;
+    let db = thena_store::Db::connect(&config.database_url, &config.database_schema)
+        .await
+        .context("cannot open PostgreSQL (DATABASE_URL)")?;
     let metrics = ReplayerMetrics::register(registry)?;
     let schedule =
         RetrySchedule::for_topology(broker.topology()).with_max_age(config.retry.max_age);
     let watcher = {
-        let broker = broker.clone();
+        let (broker, db) = (broker.clone(), db.clone());
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             loop {
                 readiness.set("broker", broker.is_healthy().await);
+                readiness.set("postgres", db.ping().await);
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -433,7 +620,8 @@ pub async fn run_from_config(
             }
         })
     };
-    let result = run_replayer(broker, schedule, metrics, shutdown).await;
+    let deps = ReplayerDeps::new(broker, db);
+    let result = run_replayer(deps, schedule, metrics, shutdown).await;
     watcher.abort();
     result
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable};
-use thena_broker::{DEAD_LETTERED_AT_HEADER, Failure, FailureClass, Topology};
+use thena_broker::{DEAD_LETTERED_AT_HEADER, Failure, FailureClass, PARKED_AT_HEADER, Topology};
 
 /// Parked because the message was older than [`RetrySchedule::max_age`].
 pub const REASON_TOO_OLD: &str = "too_old";
@@ -132,7 +132,9 @@ impl RetrySchedule {
     /// has no failure history yet.
     ///
     /// Only a message our own code dead-lettered (it carries `x-thena-dead-lettered-at`
-    /// and readable failure headers) goes through [`Self::decide`]; anything else reached
+    /// and readable failure headers) goes through [`Self::decide`]. A parked message
+    /// (`x-thena-parked-at`) came back from the parked queue past its delivery limit (the
+    /// replayer could not store it): it is parked again as it was. Anything else reached
     /// the dead queue through RabbitMQ itself (delivery limit): poison, parked at once.
     pub fn plan(
         &self,
@@ -141,9 +143,15 @@ impl RetrySchedule {
         routing_key: &str,
         now: DateTime<Utc>,
     ) -> Plan {
-        let ours = headers.is_some_and(|h| h.contains_key(DEAD_LETTERED_AT_HEADER));
-        match headers.and_then(Failure::from_headers).filter(|_| ours) {
-            Some(failure) => {
+        let marked = |key: &str| headers.is_some_and(|h| h.contains_key(key));
+        match headers.and_then(Failure::from_headers) {
+            Some(failure) if marked(PARKED_AT_HEADER) => Plan {
+                decision: Decision::Park {
+                    reason: failure.reason.clone(),
+                },
+                failure,
+            },
+            Some(failure) if marked(DEAD_LETTERED_AT_HEADER) => {
                 let decision = self.decide(&failure, now);
                 let failure = match &decision {
                     Decision::Retry { attempts, .. } => Failure {
@@ -157,27 +165,59 @@ impl RetrySchedule {
                 };
                 Plan { decision, failure }
             }
-            None => {
-                let reason = poison_reason(headers);
-                let failure = Failure::for_delivery(
-                    headers,
-                    exchange,
-                    routing_key,
-                    FailureClass::Permanent,
-                    reason.clone(),
-                    format!(
-                        "dead-lettered by RabbitMQ ({reason}) after {} deliveries",
-                        death_count(headers).unwrap_or(0)
-                    ),
-                    now,
-                );
+            Some(_) | None => {
+                let failure = poison_failure(headers, exchange, routing_key, now);
                 Plan {
-                    decision: Decision::Park { reason },
+                    decision: Decision::Park {
+                        reason: failure.reason.clone(),
+                    },
                     failure,
                 }
             }
         }
     }
+}
+
+/// The failure of a message RabbitMQ dead-lettered itself (it crashed or stalled its
+/// consumers until the queue's delivery limit): permanent, with the reason RabbitMQ gave,
+/// keeping any earlier failure history (first failure, attempts, original route).
+pub fn poison_failure(
+    headers: Option<&FieldTable>,
+    exchange: &str,
+    routing_key: &str,
+    now: DateTime<Utc>,
+) -> Failure {
+    let reason = poison_reason(headers);
+    let error = format!(
+        "dead-lettered by RabbitMQ ({reason}) after {} deliveries",
+        death_count(headers).unwrap_or(0)
+    );
+    Failure::for_delivery(
+        headers,
+        exchange,
+        routing_key,
+        FailureClass::Permanent,
+        reason,
+        error,
+        now,
+    )
+}
+
+/// Where the message was first published, from its oldest `x-death` entry (RabbitMQ
+/// records the exchange and routing keys of the queue it dead-lettered the message from).
+pub fn death_route(headers: Option<&FieldTable>) -> Option<(String, String)> {
+    let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(oldest) = deaths.as_slice().last()? else {
+        return None;
+    };
+    let exchange = oldest.inner().get("exchange").and_then(as_text)?;
+    let AMQPValue::FieldArray(keys) = oldest.inner().get("routing-keys")? else {
+        return None;
+    };
+    let routing_key = keys.as_slice().first().and_then(as_text)?;
+    Some((exchange, routing_key))
 }
 
 /// The reason RabbitMQ gave in the newest `x-death` entry: `delivery_limit` for poison,
@@ -554,6 +594,65 @@ mod tests {
                 attempts: 1
             }
         );
+    }
+
+    #[test]
+    fn a_parked_message_back_from_the_parked_queue_is_parked_again_as_it_was() {
+        let s = schedule();
+        let now = Utc::now();
+        let parked = Failure {
+            attempts: 2,
+            ..Failure::new(
+                FailureClass::Permanent,
+                "vitally_400",
+                "400 Bad Request",
+                "p.requests",
+                "request.T1",
+                now - TimeDelta::hours(2),
+            )
+        };
+        let mut headers = parked.to_headers();
+        headers.insert(
+            PARKED_AT_HEADER.into(),
+            AMQPValue::LongString("2025-01-01T00:00:00Z".into()),
+        );
+        headers.insert("x-death".into(), x_death("delivery_limit", 5));
+        let plan = s.plan(Some(&headers), "", "p.requests.parked", now);
+        assert_eq!(
+            plan.decision,
+            Decision::Park {
+                reason: "vitally_400".into()
+            }
+        );
+        assert_eq!(plan.failure, parked);
+    }
+
+    #[test]
+    fn the_original_route_is_read_from_the_oldest_x_death_entry() {
+        let entry = |queue: &str, exchange: &str, key: &str| {
+            let mut death = FieldTable::default();
+            death.insert("queue".into(), AMQPValue::LongString(queue.into()));
+            death.insert("exchange".into(), AMQPValue::LongString(exchange.into()));
+            death.insert(
+                "routing-keys".into(),
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongString(key.into())])),
+            );
+            AMQPValue::FieldTable(death)
+        };
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                entry("p.requests.dead", "", "p.requests.parked"),
+                entry("p.requests.sync", "p.requests", "request.T7"),
+            ])),
+        );
+        assert_eq!(
+            death_route(Some(&headers)),
+            Some(("p.requests".into(), "request.T7".into()))
+        );
+        assert_eq!(death_route(Some(&FieldTable::default())), None);
+        assert_eq!(death_route(None), None);
     }
 
     fn x_death(reason: &str, count: i64) -> AMQPValue {

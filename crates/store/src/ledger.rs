@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Db, DbError};
+use crate::{Db, DbError, Transaction};
 
 /// Outcomes kept per request.
 pub const HISTORY_PER_REQUEST: i64 = 50;
@@ -293,6 +293,14 @@ async fn write_batches(db: Db, mut pending: mpsc::Receiver<Pending>) {
 async fn write(db: &Db, entries: &[&Entry]) -> Result<(), DbError> {
     let mut client = db.client().await?;
     let tx = client.transaction().await?;
+    write_in(&tx, entries).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Writes `entries` inside the caller's transaction, for a write that must commit with
+/// them or not at all (a dead letter stored or replayed and its request's history line).
+pub async fn write_in(tx: &Transaction<'_>, entries: &[&Entry]) -> Result<(), DbError> {
     let upsert = tx
         .prepare_cached(
             "INSERT INTO requests (workspace_id, request_id, latest_version, latest_snapshot,
@@ -396,6 +404,5 @@ async fn write(db: &Db, entries: &[&Entry]) -> Result<(), DbError> {
         async move { tx.execute(prune, &[ws, id, &HISTORY_PER_REQUEST]).await }
     }))
     .await?;
-    tx.commit().await?;
     Ok(())
 }

@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "request_ledger",
         sql: include_str!("../migrations/0002_request_ledger.sql"),
     },
+    Migration {
+        version: 3,
+        name: "dead_letters",
+        sql: include_str!("../migrations/0003_dead_letters.sql"),
+    },
 ];
 
 /// What a run did.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use lapin::{
     Channel,
     message::BasicGetMessage,
-    options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions},
+    options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions},
     types::FieldTable,
 };
 use secrecy::SecretString;
@@ -89,6 +89,32 @@ pub async fn take(channel: &Channel, queue: &str, deadline: Duration) -> Option<
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Returns every delivery of `from` (a consumer crashing on it) until RabbitMQ moved a
+/// message past the delivery limit into `to`, or `deadline` passed. How many it returned.
+pub async fn crash_on(channel: &Channel, from: &str, to: &str, deadline: Duration) -> u32 {
+    let until = Instant::now() + deadline;
+    let mut returned = 0;
+    while Instant::now() < until {
+        let got = channel
+            .basic_get(from.into(), BasicGetOptions::default())
+            .await
+            .expect("basic_get");
+        match got {
+            Some(message) => {
+                returned += 1;
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                message.delivery.nack(requeue).await.expect("nack");
+            }
+            None if depth(channel, to).await == 1 => break,
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    returned
 }
 
 /// Messages ready in `queue` right now.

@@ -36,6 +36,13 @@ enum Lookup<T> {
     Miss,
 }
 
+/// What a waiter sees of another replica's fill.
+enum Fill<T> {
+    Done(Option<T>),
+    Pending,
+    Abandoned,
+}
+
 impl Cache {
     pub fn new(redis: ConnectionManager, prefix: &str, metrics: SyncMetrics) -> Self {
         Self {
@@ -68,24 +75,53 @@ impl Cache {
             Lookup::Miss => {}
         }
         let fill_lock = format!("{key}:fill");
-        let filler = self.try_lock(&fill_lock).await;
-        if !filler {
-            // Someone else is asking Vitally right now: wait for their answer.
-            let deadline = tokio::time::Instant::now() + FILL_WAIT;
-            while tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                if let Lookup::Hit(value) = self.lookup::<T>(kind, &key).await {
-                    return Ok(value);
-                }
+        let mut filler = self.try_lock(&fill_lock).await;
+        let deadline = tokio::time::Instant::now() + FILL_WAIT;
+        // Someone else is asking Vitally right now: wait for their answer — or, if they
+        // gave up (their call failed or had to wait for budget), ask in their place.
+        while !filler && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match self.poll_fill::<T>(kind, &key, &fill_lock).await {
+                Fill::Done(value) => return Ok(value),
+                Fill::Pending => {}
+                Fill::Abandoned => filler = self.try_lock(&fill_lock).await,
             }
         }
         self.metrics.cache(kind, "miss");
-        let value = fetch().await?;
-        self.store(&key, value.as_ref(), ttl).await;
+        let value = fetch().await;
+        if let Ok(value) = &value {
+            self.store(&key, value.as_ref(), ttl).await;
+        }
+        // Whatever the answer: a filler that failed must not keep others waiting.
         if filler {
             self.unlock(&fill_lock).await;
         }
-        Ok(value)
+        value
+    }
+
+    /// One look at a fill in progress: the value and the fill lock in one round trip.
+    async fn poll_fill<T: DeserializeOwned>(
+        &self,
+        kind: &'static str,
+        key: &str,
+        fill_lock: &str,
+    ) -> Fill<T> {
+        let raw: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
+            .arg(key)
+            .arg(fill_lock)
+            .query_async(&mut self.redis.clone())
+            .await;
+        match raw {
+            Ok((value, lock)) => match self.decode(kind, value) {
+                Lookup::Hit(value) => Fill::Done(value),
+                Lookup::Miss if lock.is_some() => Fill::Pending,
+                Lookup::Miss => Fill::Abandoned,
+            },
+            Err(e) => {
+                self.redis_error("get", &e);
+                Fill::Abandoned
+            }
+        }
     }
 
     /// Writes `value` (or a negative entry) for `kind`/`id`.
@@ -120,12 +156,22 @@ impl Cache {
     async fn lookup<T: DeserializeOwned>(&self, kind: &'static str, key: &str) -> Lookup<T> {
         let raw: redis::RedisResult<Option<String>> = self.redis.clone().get(key).await;
         match raw {
-            Ok(None) => Lookup::Miss,
-            Ok(Some(raw)) if raw == NEGATIVE => {
+            Ok(raw) => self.decode(kind, raw),
+            Err(e) => {
+                self.redis_error("get", &e);
+                Lookup::Miss
+            }
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, kind: &'static str, raw: Option<String>) -> Lookup<T> {
+        match raw {
+            None => Lookup::Miss,
+            Some(raw) if raw == NEGATIVE => {
                 self.metrics.cache(kind, "negative_hit");
                 Lookup::Hit(None)
             }
-            Ok(Some(raw)) => match serde_json::from_str(&raw) {
+            Some(raw) => match serde_json::from_str(&raw) {
                 Ok(value) => {
                     self.metrics.cache(kind, "hit");
                     Lookup::Hit(Some(value))
@@ -133,10 +179,6 @@ impl Cache {
                 // An entry from an older shape: refetch and overwrite.
                 Err(_) => Lookup::Miss,
             },
-            Err(e) => {
-                self.redis_error("get", &e);
-                Lookup::Miss
-            }
         }
     }
 

@@ -478,7 +478,7 @@ async fn dlq_list_shows_what_waits_in_the_delay_queues_and_refuses_to_replay_the
             &serde_json::to_vec(&event).unwrap(),
             &props,
             &Topology::routing_key("WDELAY"),
-            std::time::Duration::from_secs(1),
+            thena_broker::Wake::NotBefore(std::time::Duration::from_secs(1)),
             None,
         )
         .await

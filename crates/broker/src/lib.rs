@@ -31,4 +31,4 @@ pub use lapin;
 pub use metrics::{BrokerMetrics, QUEUE_LABELS};
 pub use publisher::{PublishError, Publisher, PublisherOptions};
 pub use redact::scrub_secrets;
-pub use topology::{DEFAULT_DELAY_TIERS, Topology};
+pub use topology::{DEFAULT_DELAY_TIERS, Topology, Wake};

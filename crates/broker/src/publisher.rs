@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 use crate::{
     broker::{Broker, BrokerError},
     failure::{DEAD_LETTERED_AT_HEADER, Failure, PARKED_AT_HEADER, WORKSPACE_HEADER, rfc3339},
-    topology::Topology,
+    topology::{Topology, Wake},
 };
 
 /// RabbitMQ's per-delivery counter; meaningless on a republished message.
@@ -212,14 +212,14 @@ impl Publisher {
         .await
     }
 
-    /// Sends a message back to the sync queue after at least `wait` (rounded up to a delay
-    /// tier; capped at the largest), keeping its original routing key.
+    /// Sends a message back to the sync queue through the delay tier `wake` picks (see
+    /// [`Wake`]), keeping its original routing key.
     pub async fn defer(
         &self,
         body: &[u8],
         props: &BasicProperties,
         original_routing_key: &str,
-        wait: Duration,
+        wake: Wake,
         failure: Option<&Failure>,
     ) -> Result<(), PublishError> {
         let headers = match failure {
@@ -227,7 +227,7 @@ impl Publisher {
             None => without(props.headers().as_ref(), &[DEAD_LETTERED_AT_HEADER]),
         };
         let topology = self.topology();
-        let tier = topology.tier_for(wait);
+        let tier = topology.tier_to_wake(wake);
         self.publish(
             &topology.delay_queue(tier),
             original_routing_key,

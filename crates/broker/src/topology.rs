@@ -22,6 +22,18 @@ pub const DEFAULT_DELAY_TIERS: [Duration; 5] = [
     Duration::from_secs(240),
 ];
 
+/// When a message sent to a delay queue should come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Not before this long (the smallest tier that waits long enough): a retry's
+    /// backoff, a pause to wait out.
+    NotBefore(Duration),
+    /// As close to this long as the tiers allow, never much later: the largest tier that
+    /// does not overshoot, so a long wait comes back early and is deferred again for the
+    /// rest (a place in the budget queue that must not be missed by a whole tier).
+    OnTime(Duration),
+}
+
 /// Used only when someone configures an empty tier list.
 const FALLBACK_TIER: Duration = Duration::from_secs(1);
 
@@ -114,6 +126,18 @@ impl Topology {
 
     pub fn routing_key(workspace_id: &str) -> String {
         format!("request.{workspace_id}")
+    }
+
+    /// The delay tier that wakes a message as `wake` asks.
+    pub fn tier_to_wake(&self, wake: Wake) -> usize {
+        match wake {
+            Wake::NotBefore(wait) => self.tier_for(wait),
+            Wake::OnTime(wait) => self
+                .delay_tiers
+                .iter()
+                .rposition(|tier| *tier <= wait)
+                .unwrap_or(0),
+        }
     }
 
     /// The smallest tier that waits at least `wait`, else the largest tier (the message
@@ -345,6 +369,31 @@ mod tests {
         assert_eq!(t.tier_for(Duration::from_secs(31)), 3);
         assert_eq!(t.tier_for(Duration::from_secs(240)), 4);
         assert_eq!(t.tier_for(Duration::from_secs(3600)), 4);
+    }
+
+    #[test]
+    fn the_configured_default_tiers_are_the_topology_defaults() {
+        let config = thena_runtime::Config::defaults_with(&[]).unwrap();
+        assert_eq!(
+            Topology::from_config(&config).delay_tiers,
+            DEFAULT_DELAY_TIERS.to_vec()
+        );
+    }
+
+    #[test]
+    fn on_time_picks_the_largest_tier_that_does_not_overshoot() {
+        let t = Topology::new("x");
+        let on_time = |ms| t.tier_to_wake(Wake::OnTime(Duration::from_millis(ms)));
+        assert_eq!(on_time(0), 0, "below the smallest tier: the smallest");
+        assert_eq!(on_time(999), 0);
+        assert_eq!(on_time(1_000), 0);
+        assert_eq!(on_time(4_999), 0);
+        assert_eq!(on_time(5_000), 1);
+        assert_eq!(on_time(29_000), 1);
+        assert_eq!(on_time(600_000), 4);
+        let not_before = |ms| t.tier_to_wake(Wake::NotBefore(Duration::from_millis(ms)));
+        assert_eq!(not_before(1_001), 1);
+        assert_eq!(not_before(29_000), 2);
     }
 
     #[test]

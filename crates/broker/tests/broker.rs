@@ -158,7 +158,7 @@ async fn a_deferred_message_comes_back_to_the_sync_queue_with_its_original_routi
                 &serde_json::to_vec(&event).unwrap(),
                 &props,
                 "request.T0WS4",
-                Duration::from_millis(300),
+                thena_broker::Wake::NotBefore(Duration::from_millis(300)),
                 Some(&failure),
             )
             .await

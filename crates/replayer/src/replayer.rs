@@ -345,7 +345,7 @@ impl Replayer {
                         &delivery.data,
                         &delivery.properties,
                         &routing_key,
-                        *delay,
+                        thena_broker::Wake::NotBefore(*delay),
                         Some(&failure),
                     )
                     .await

@@ -298,13 +298,13 @@ pub const VARIABLES: &[Var] = &[
     ),
     var(
         "RETRY_TIERS",
-        "5s,30s,2m,4m",
+        "1s,5s,30s,2m,4m",
         Rule::Durations {
             min: ms(100),
             max: MAX_RETRY_TIER,
             len: 10,
         },
-        "Delay queues, in order: attempt n waits tier n (the last repeats); none above 5m, or the 10-minute promise breaks",
+        "Delay queues, in order: attempt n waits tier n (the last repeats); none above 5m, or the 10-minute promise breaks; the smallest also sets how precisely an event waiting for budget comes back",
     ),
     var(
         "RETRY_MAX_AGE",
@@ -1062,7 +1062,7 @@ mod tests {
         );
         assert_eq!(
             config.retry.tiers,
-            [5, 30, 120, 240].map(Duration::from_secs)
+            [1, 5, 30, 120, 240].map(Duration::from_secs)
         );
         assert!(config.free_mail_domains.contains(&"gmail.com".to_string()));
         assert!(config.producer_token.is_none());

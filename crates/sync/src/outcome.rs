@@ -1,6 +1,6 @@
 //! How one event ended. Every delivery ends in exactly one of these, and each is counted.
 
-use std::time::Duration;
+use thena_broker::Wake;
 
 use crate::{linking::NoLink, policy::PolicySkip};
 
@@ -12,10 +12,7 @@ pub enum Outcome {
     Skipped(Skip),
     /// The integration is out of budget (or paused after a 429), or another consumer holds
     /// the request: come back later through a delay queue, freeing the slot now.
-    Deferred {
-        wait: Duration,
-        reason: &'static str,
-    },
+    Deferred { wake: Wake, reason: &'static str },
     /// The integration is paused (Vitally rejects its key, its object is gone, or this
     /// replica cannot decrypt its header): the event waits in a delay queue, costs no
     /// attempt and no Vitally call, and flows again once the integration heals.

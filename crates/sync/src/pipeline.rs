@@ -5,13 +5,14 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     time::Duration,
 };
 
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
+use thena_broker::Wake;
 use thena_events::{RequestChanged, decode_event};
 use thena_runtime::ops::Readiness;
 use thena_store::ledger::Ledger;
@@ -19,7 +20,7 @@ use vitally_client::{
     client::{Instance, InstanceBody, Link, NewUser, User, VitallyClient, VitallyHttp},
     error::{ErrorClass, ErrorKind, VitallyError},
     integrations::{Connection, Health, Integration, IntegrationCache, StoreError},
-    limiter::{Admission, RateLimiter},
+    limiter::{RateLimiter, Turn, TurnFor},
     mapping::{FieldMap, FieldRef, MappingOptions, map_instance},
     provision::{self, ConnectError},
 };
@@ -46,6 +47,14 @@ const UNCONFIRMED: &str = "instance_unconfirmed";
 
 /// A lost create is given this many client timeouts to become searchable.
 const CREATE_SETTLE_TIMEOUTS: u32 = 3;
+
+/// How far ahead a request may take its place in the queue for budget: beyond it, an
+/// event is deferred without one and asks again (a flood does not book hours ahead).
+const QUEUE_HORIZON: Duration = Duration::from_secs(240);
+
+/// How long after its request's place another event of that request comes back: past the
+/// holder's write, so it finds its version applied.
+const FOLLOWER_MARGIN: Duration = Duration::from_secs(1);
 
 /// Knobs of the pipeline (from the shared configuration).
 #[derive(Debug, Clone)]
@@ -159,6 +168,12 @@ enum StepError {
     Vitally(VitallyError),
     /// The integration's budget is spent (or paused after a 429) for longer than we wait.
     OutOfBudget(Duration),
+    /// The request has its place in the integration's queue for budget, due after `wait`;
+    /// `holder`: this event took it.
+    Queued {
+        wait: Duration,
+        holder: bool,
+    },
     /// Another consumer holds this request for longer than we wait.
     Busy,
     /// Redis is needed for the lock or the version guard and is unreachable.
@@ -201,7 +216,7 @@ impl StepError {
                         error: error.to_string(),
                     },
                     ErrorClass::RateLimited { reset } => Outcome::Deferred {
-                        wait: reset,
+                        wake: Wake::NotBefore(reset),
                         reason: "vitally_429",
                     },
                     ErrorClass::Permanent => Outcome::Park {
@@ -211,11 +226,21 @@ impl StepError {
                 }
             }
             StepError::OutOfBudget(wait) => Outcome::Deferred {
-                wait,
+                wake: Wake::NotBefore(wait),
+                reason: "rate_budget",
+            },
+            // The holder comes back when its place is due; the request's other events
+            // after its write, when they find their version applied and cost nothing.
+            StepError::Queued { wait, holder } => Outcome::Deferred {
+                wake: if holder {
+                    Wake::OnTime(wait)
+                } else {
+                    Wake::NotBefore(wait + FOLLOWER_MARGIN)
+                },
                 reason: "rate_budget",
             },
             StepError::Busy => Outcome::Deferred {
-                wait: Duration::from_secs(1),
+                wake: Wake::NotBefore(Duration::from_secs(1)),
                 reason: "request_busy",
             },
             StepError::Redis(error) => Outcome::Retry {
@@ -249,7 +274,7 @@ impl StepError {
                 }
             }
             StepError::Quarantine(wait) => Outcome::Deferred {
-                wait,
+                wake: Wake::NotBefore(wait),
                 reason: "redis_data_lost",
             },
             StepError::Db(error) => Outcome::Retry {
@@ -352,7 +377,12 @@ struct Session<'a> {
     budget: u32,
     max_wait: Duration,
     in_event_wait: Duration,
-    started: AtomicBool,
+    /// The request's place in the queue for budget, asked for by the first call.
+    turn: TurnFor,
+    /// Calls already paid for by the request's place in the queue.
+    prepaid: AtomicU32,
+    /// Calls asked for so far.
+    calls: AtomicU32,
 }
 
 impl Session<'_> {
@@ -376,21 +406,7 @@ impl Session<'_> {
         object_call: bool,
         call: impl Future<Output = Result<T, VitallyError>>,
     ) -> Result<T, StepError> {
-        let max_wait = if self.started.swap(true, Ordering::Relaxed) {
-            self.in_event_wait
-        } else {
-            self.max_wait
-        };
-        match self
-            .limiter
-            .acquire_as(self.budget_key, self.workspace, self.budget, max_wait)
-            .await
-        {
-            Admission::Granted => {}
-            Admission::Wait(wait) | Admission::Paused(wait) => {
-                return Err(StepError::OutOfBudget(wait));
-            }
-        }
+        self.admit().await?;
         match call.await {
             Ok(value) => Ok(value),
             Err(error) => {
@@ -407,6 +423,50 @@ impl Session<'_> {
             }
         }
     }
+
+    /// Budget for one call, queueing for the request's place in the integration's queue
+    /// when the budget is spent. The first call asks for a place paying for one call;
+    /// later calls use what that place paid for, then the limiter, and if refused take
+    /// a new place paying for every call the event has needed so far plus this one, so
+    /// the event (whose earlier lookups are cached by then) can finish when it comes
+    /// back — never deferred by the raw backlog and made to queue again from the end.
+    async fn admit(&self) -> Result<(), StepError> {
+        let calls = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let first = calls == 1;
+        if !first
+            && self
+                .prepaid
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Ok(());
+        }
+        let (max_wait, pay_for) = if first {
+            (self.max_wait, 1)
+        } else {
+            (self.in_event_wait, calls)
+        };
+        match self
+            .limiter
+            .take_turn(
+                self.budget_key,
+                self.workspace,
+                self.budget,
+                max_wait,
+                QUEUE_HORIZON,
+                pay_for,
+                &self.turn,
+            )
+            .await
+        {
+            Turn::Go { prepaid } => {
+                self.prepaid.store(prepaid, Ordering::Relaxed);
+                Ok(())
+            }
+            Turn::Queued { wait, holder } => Err(StepError::Queued { wait, holder }),
+            Turn::Wait(wait) => Err(StepError::OutOfBudget(wait)),
+        }
+    }
 }
 
 impl Pipeline {
@@ -415,6 +475,9 @@ impl Pipeline {
     /// older messages of a request then cost no Vitally call, and a burst of changes
     /// that waited out a budget costs one write.
     pub async fn process(&self, event: &RequestChanged, returning: bool) -> (Outcome, Trace) {
+        // The message's own id, kept through coalescing: it names the message's place in
+        // the queue for budget when it comes back.
+        let holder = event.event_id.to_string();
         let newer = if returning {
             self.coalesce(event).await
         } else {
@@ -423,7 +486,7 @@ impl Pipeline {
         let event = newer.as_ref().unwrap_or(event);
         let tracer = Tracer::default();
         tracer.update(|t| t.version = Some(event.request.version));
-        let outcome = match fault::catch(self.try_process(event, &tracer)).await {
+        let outcome = match fault::catch(self.try_process(event, &holder, &tracer)).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(error)) => error.into_outcome(),
             Err(panic) => StepError::Panicked(panic).into_outcome(),
@@ -516,6 +579,7 @@ impl Pipeline {
     async fn try_process(
         &self,
         event: &RequestChanged,
+        holder: &str,
         tracer: &Tracer,
     ) -> Result<Outcome, StepError> {
         let integration = match self.integration(&event.workspace_id).await? {
@@ -525,7 +589,7 @@ impl Pipeline {
             // Perhaps this very workspace: ask again once the connect committed.
             Connection::Connecting => {
                 return Ok(Outcome::Deferred {
-                    wait: Duration::from_secs(1),
+                    wake: Wake::NotBefore(Duration::from_secs(1)),
                     reason: "connect_in_progress",
                 });
             }
@@ -572,7 +636,7 @@ impl Pipeline {
         // Bounded well inside the lock's lifetime: past it another consumer could take the
         // lock and, for a new request, create a second instance.
         let lease = thena_runtime::config::work_lease(self.settings.lock_ttl);
-        let work = fault::catch(self.locked(event, &integration, may_update, tracer));
+        let work = fault::catch(self.locked(event, holder, &integration, may_update, tracer));
         let result = match tokio::time::timeout(lease, work).await {
             Ok(Ok(result)) => result,
             // Caught here, so the lock is released below.
@@ -590,6 +654,7 @@ impl Pipeline {
     async fn locked(
         &self,
         event: &RequestChanged,
+        holder: &str,
         integration: &Arc<Integration>,
         may_update: bool,
         tracer: &Tracer,
@@ -622,7 +687,12 @@ impl Pipeline {
                 .settings
                 .max_rate_wait
                 .max(IN_EVENT_WAIT.min(self.settings.lock_ttl / 8)),
-            started: AtomicBool::new(false),
+            turn: TurnFor {
+                request: format!("{ws}:{}", event.request.id),
+                holder: holder.to_owned(),
+            },
+            prepaid: AtomicU32::new(0),
+            calls: AtomicU32::new(0),
         };
         let linked = self.resolve_target(&session, event, tracer).await?;
         // A version synced before means an instance to keep current, whatever the link.

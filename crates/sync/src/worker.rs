@@ -16,7 +16,7 @@ use lapin::{
     },
     types::FieldTable,
 };
-use thena_broker::{Broker, Failure, FailureClass, Publisher};
+use thena_broker::{Broker, Failure, FailureClass, Publisher, Wake};
 use thena_events::{RequestChanged, decode_event};
 use thena_runtime::ops::Readiness;
 use tokio::sync::{Semaphore, mpsc};
@@ -374,13 +374,13 @@ impl Settler {
                 Ok(())
             }
             Outcome::Skipped(_) => Ok(()),
-            Outcome::Deferred { wait, .. } => {
+            Outcome::Deferred { wake, .. } => {
                 self.publisher
                     .defer(
                         &delivery.data,
                         &delivery.properties,
                         delivery.routing_key.as_str(),
-                        *wait,
+                        *wake,
                         None,
                     )
                     .await
@@ -392,7 +392,7 @@ impl Settler {
                         &delivery.data,
                         &delivery.properties,
                         delivery.routing_key.as_str(),
-                        self.hold_wait,
+                        Wake::NotBefore(self.hold_wait),
                         None,
                     )
                     .await
@@ -515,12 +515,18 @@ impl Settler {
             | Outcome::Deferred { .. }
             | Outcome::Held { .. } => (None, false),
         };
+        let version = trace.version.unwrap_or(event.request.version);
+        // A coalesced message was processed as the ledger's newer snapshot: its own, older
+        // one must not take that snapshot's place under the newer version.
+        let snapshot = (version == event.request.version)
+            .then(|| serde_json::to_value(event).ok())
+            .flatten();
         ledger
             .record(Entry {
                 workspace_id: event.workspace_id.clone(),
                 request_id: event.request.id,
-                version: trace.version.unwrap_or(event.request.version),
-                snapshot: serde_json::to_value(event).ok(),
+                version,
+                snapshot,
                 outcome: label,
                 reason,
                 detail,

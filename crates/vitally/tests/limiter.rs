@@ -327,3 +327,82 @@ async fn an_unreachable_redis_degrades_to_the_local_share_without_error() {
         Admission::Paused(_)
     ));
 }
+
+#[tokio::test]
+async fn out_of_budget_requests_queue_in_order_and_the_events_of_one_request_share_a_place() {
+    use vitally_client::limiter::{Turn, TurnFor};
+    let prefix = unique_prefix();
+    let limiter = RateLimiter::new(connect().await, &prefix, 0.25);
+    let ws = "T-QUEUE";
+    // 180/min: a slot every 333 ms, a burst of 3 — spent at once.
+    let budget = 180;
+    for _ in 0..3 {
+        assert_eq!(
+            limiter.acquire(ws, budget, Duration::ZERO).await,
+            Admission::Granted
+        );
+    }
+    let horizon = Duration::from_secs(60);
+    let turn_for = |request: &str, event: &str| TurnFor {
+        request: format!("{ws}:{request}"),
+        holder: event.into(),
+    };
+    let take = |t: TurnFor, calls: u32| {
+        let limiter = limiter.clone();
+        async move {
+            limiter
+                .take_turn(ws, ws, budget, Duration::ZERO, horizon, calls, &t)
+                .await
+        }
+    };
+    let Turn::Queued {
+        wait: a_wait,
+        holder: true,
+    } = take(turn_for("1", "e1"), 1).await
+    else {
+        panic!("request 1 took no place")
+    };
+    // A newer event of the same request waits for the same place, not a new one.
+    let Turn::Queued {
+        wait: a2_wait,
+        holder: false,
+    } = take(turn_for("1", "e2"), 1).await
+    else {
+        panic!("the second event of request 1 did not share its place")
+    };
+    assert!(a2_wait <= a_wait, "{a2_wait:?} vs {a_wait:?}");
+    // Request 2's event needs three calls: its place pays for all three.
+    let Turn::Queued {
+        wait: b_wait,
+        holder: true,
+    } = take(turn_for("2", "e3"), 3).await
+    else {
+        panic!("request 2 took no place")
+    };
+    assert!(
+        b_wait > a_wait,
+        "request 2 ({b_wait:?}) queued behind request 1 ({a_wait:?})"
+    );
+    // Request 3 queues behind request 2 (whose three calls go back to back within the
+    // burst, the GCRA's own allowance).
+    let Turn::Queued { wait: c_wait, .. } = take(turn_for("3", "e4"), 1).await else {
+        panic!("request 3 took no place")
+    };
+    assert!(
+        c_wait > b_wait,
+        "request 3 ({c_wait:?}) queued behind request 2 ({b_wait:?})"
+    );
+
+    // When its place comes, any event of the request goes, with the calls paid for.
+    let due = |t: TurnFor| {
+        let limiter = limiter.clone();
+        async move {
+            limiter
+                .take_turn(ws, ws, budget, Duration::from_secs(3), horizon, 1, &t)
+                .await
+        }
+    };
+    assert_eq!(due(turn_for("1", "e2")).await, Turn::Go { prepaid: 0 });
+    assert_eq!(due(turn_for("2", "e3")).await, Turn::Go { prepaid: 2 });
+    cleanup(&prefix).await;
+}

@@ -4,7 +4,11 @@
 //! - raw lapin consume-and-ack (the baseline) vs the consumer's events/s, cold and warm;
 //! - events/s against a Vitally that answers after 100 ms, as concurrency grows;
 //! - Vitally calls per event, cold and warm;
-//! - noisy neighbour: workspace B's event age while workspace A floods 10× its budget.
+//! - noisy neighbour: workspace B's event age while workspace A floods 10× its budget;
+//! - coalescing: writes and drain time for 100 requests × 10 changes that arrive while
+//!   their integration is out of budget;
+//! - backfill: 2,000 historical requests imported while live traffic flows: the time
+//!   against its budget share's ideal, and the live events' age meanwhile.
 
 #[allow(dead_code)]
 #[path = "../tests/it/support.rs"]
@@ -526,23 +530,230 @@ async fn noisy_neighbour(rows: &mut Vec<Row>) {
     fleet.stop().await;
 }
 
+/// Coalescing under budget: 100 known requests × 10 changes each arrive while their
+/// integration is out of budget (a 429 paused it). One write per request is the physical
+/// limit; the drain's ideal is one write per budget slot from the end of the pause.
+async fn coalescing(rows: &mut Vec<Row>) {
+    use support::{WS, versioned, wait_all_at};
+    use vitally_client::{
+        limiter::RateLimiter,
+        provision::{self, Toggles},
+    };
+    // Production's tier shape: waiting events hop a few times, on time.
+    let env = TestEnv::with_tiers(vec![
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    ]);
+    let mut fleet = Fleet::start_in(env, unthrottled_fake(), &[]).await;
+    let integration = fleet.connect(WS, |r| r.rate_budget_per_min = 1000).await;
+    fleet.spawn_consumer().await;
+    let ids: Vec<u64> = (1..=100).collect();
+    // Every request exists in Vitally first: each later write is one call.
+    for id in &ids {
+        fleet.publish(&versioned(WS, *id, 1)).await;
+    }
+    wait_all_at(&fleet, &ids, 1, Duration::from_secs(120)).await;
+    let budget = 300u32;
+    provision::set_toggles(
+        &fleet.store,
+        WS,
+        Toggles {
+            rate_budget_per_min: Some(budget),
+            ..Toggles::default()
+        },
+        "bench",
+    )
+    .await
+    .expect("budget set");
+    fleet.fake.reset_calls();
+    let redis = thena_runtime::redis::connect(&fleet.env.redis_url())
+        .await
+        .expect("redis");
+    let pause = Duration::from_secs(10);
+    RateLimiter::new(redis, &fleet.env.redis_prefix, 0.25)
+        .pause_as(integration.budget_key(), WS, pause)
+        .await;
+    let pause_end = chrono::Utc::now() + chrono::Duration::from_std(pause).unwrap();
+    let sent = Instant::now();
+    for version in 2..=11 {
+        for id in &ids {
+            fleet.publish(&versioned(WS, *id, version)).await;
+        }
+    }
+    let sending = sent.elapsed();
+    wait_all_at(&fleet, &ids, 11, Duration::from_secs(180)).await;
+    let calls = fleet.fake.calls();
+    let writes = calls.route("POST /resources/customObjects/:id/instances")
+        + calls.route("PUT /resources/customObjects/:id/instances/:id");
+    let last_write = fleet
+        .fake
+        .instances()
+        .iter()
+        .map(|i| i.updated_at)
+        .max()
+        .expect("instances");
+    let drain = (last_write - pause_end).num_milliseconds() as f64 / 1000.0;
+    let ideal = ids.len() as f64 * 60.0 / f64::from(budget);
+    rows.push(row(
+        "coalescing: instance writes for 100 requests × 10 changes",
+        writes as f64,
+        "writes",
+        format!(
+            "sent in {:.1} s during a {} s 429 pause; target ≤ 110 (one per change: 1000)",
+            sending.as_secs_f64(),
+            pause.as_secs()
+        ),
+    ));
+    rows.push(row(
+        "coalescing: drain after the pause, every request at its latest version",
+        drain,
+        "s",
+        format!(
+            "{:.2} × the ideal {ideal:.1} s (100 writes at {budget}/min); target ≤ 1.1",
+            drain / ideal
+        ),
+    ));
+    fleet.stop().await;
+}
+
+/// Backfill: `requests` historical requests imported while live traffic flows. The
+/// backfill may use BACKFILL_BUDGET_SHARE (default 30 %) of the integration's budget, and
+/// only what live events leave idle; its ideal time is its calls at that share.
+async fn backfill(rows: &mut Vec<Row>, requests: u64) {
+    use support::WS;
+    let env = TestEnv::with_tiers(vec![
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    ]);
+    let mut fleet = Fleet::start_in(env, unthrottled_fake(), &[]).await;
+    let budget = 1000u32;
+    let share = fleet.config.consumer.backfill_budget_share;
+    fleet.connect(WS, |r| r.rate_budget_per_min = budget).await;
+    fleet.spawn_consumer().await;
+    fleet.spawn_replayer().await;
+    // Warm the requestor's lookup, so every request costs the same two calls (search,
+    // create) live or backfilled.
+    fleet.publish(&sample::event(WS, 1, 1, EMAIL)).await;
+    fleet.wait_settled(1).await;
+    let export: Vec<thena_events::RequestChanged> = (0..requests)
+        .map(|i| {
+            let mut event = sample::event(WS, 100_000 + i, 1, EMAIL);
+            event.request.created_at = chrono::Utc::now() - chrono::Duration::days(60);
+            event
+        })
+        .collect();
+    let text = export
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let parsed = thena_producer::backfill::read_export(WS, text.as_bytes(), &Default::default());
+    fleet.fake.reset_calls();
+    let started = Instant::now();
+    let job = thena_producer::backfill::run(
+        fleet.store.db(),
+        &fleet.publisher,
+        WS,
+        "bench",
+        "bench",
+        &parsed,
+        |_| {},
+    )
+    .await
+    .expect("backfill published")
+    .job;
+    // Live traffic meanwhile: a new request every 500 ms until the backfill is done.
+    let mut live = Vec::new();
+    let db = fleet.store.db().clone();
+    let done_at = loop {
+        let id = 200_000 + live.len() as u64;
+        fleet.publish(&sample::event(WS, id, 1, EMAIL)).await;
+        live.push(id);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let progress = thena_store::backfill::progress(&db, WS, &job.id)
+            .await
+            .expect("progress")
+            .expect("the job");
+        if progress.is_done() {
+            break started.elapsed();
+        }
+    };
+    wait_until("the live requests", Duration::from_secs(60), || async {
+        live.iter()
+            .all(|id| fleet.instances_for(WS, *id).len() == 1)
+            .then_some(())
+    })
+    .await;
+    let mut ages: Vec<f64> = live
+        .iter()
+        .map(|id| {
+            let instance = &fleet.instances_for(WS, *id)[0];
+            (instance.created_at - fleet.published_at(WS, *id)).num_milliseconds() as f64 / 1000.0
+        })
+        .collect();
+    ages.sort_by(f64::total_cmp);
+    let p99 = ages[((ages.len() as f64 - 1.0) * 0.99).round() as usize];
+    let calls = fleet.fake.calls().total;
+    // Each live request made two calls (its requestor was known); the rest are the backfill's.
+    let backfill_calls = calls.saturating_sub(2 * live.len() as u64);
+    let rate = f64::from(budget) * share / 60.0;
+    let ideal = backfill_calls as f64 / rate;
+    let took = done_at.as_secs_f64();
+    rows.push(row(
+        format!("backfill: {requests} historical requests, done in"),
+        took,
+        "s",
+        format!(
+            "{:.2} × the ideal {ideal:.0} s ({backfill_calls} calls at {:.0} % of {budget}/min); target ≤ 1.2",
+            took / ideal,
+            share * 100.0
+        ),
+    ));
+    rows.push(row(
+        "backfill: live requests' p99 event age meanwhile",
+        p99,
+        "s",
+        format!("{} live requests at 2/s; target < 2 s", live.len()),
+    ));
+    fleet.stop().await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut rows = Vec::new();
-    let baseline = raw_lapin_consume(2_000).await;
-    rows.push(row(
-        "raw lapin consume + ack (baseline)",
-        baseline,
-        "msgs/s",
-        "same broker, same run",
-    ));
-    throughput(&mut rows, baseline).await;
-    // `cargo bench --bench fleet -- throughput` stops here.
-    if !std::env::args().any(|a| a == "throughput") {
-        end_to_end(&mut rows, baseline).await;
-        calls_per_event(&mut rows).await;
-        latency_scaling(&mut rows).await;
-        noisy_neighbour(&mut rows).await;
+    // `-- throughput` runs the baseline and the throughput rows; `-- coalescing` and
+    // `-- backfill [N]` only theirs; no argument runs everything.
+    let only = |name: &str| std::env::args().any(|a| a == name);
+    let backfill_requests = std::env::args()
+        .skip_while(|a| a != "backfill")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000);
+    if only("backfill") {
+        backfill(&mut rows, backfill_requests).await;
+    } else if !only("coalescing") {
+        let baseline = raw_lapin_consume(2_000).await;
+        rows.push(row(
+            "raw lapin consume + ack (baseline)",
+            baseline,
+            "msgs/s",
+            "same broker, same run",
+        ));
+        throughput(&mut rows, baseline).await;
+        if !only("throughput") {
+            end_to_end(&mut rows, baseline).await;
+            calls_per_event(&mut rows).await;
+            latency_scaling(&mut rows).await;
+            noisy_neighbour(&mut rows).await;
+        }
+    }
+    if !only("throughput") && !only("backfill") {
+        coalescing(&mut rows).await;
+    }
+    if !only("throughput") && !only("coalescing") && !only("backfill") {
+        backfill(&mut rows, backfill_requests).await;
     }
 
     println!("\n{:<58} {:>10} {:<9} note", "measure", "value", "unit");

@@ -108,14 +108,14 @@ pub enum IntegrationsCommand {
 
 /// Who made a change, for the history.
 #[derive(clap::Args)]
-pub struct ActorArg {
+pub(crate) struct ActorArg {
     /// Your name in the integration's history (default: $USER, then the host name).
     #[arg(long)]
     actor: Option<String>,
 }
 
 impl ActorArg {
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.actor
             .clone()
             .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))

@@ -1,5 +1,6 @@
 //! The command line: roles (long-running services) and tools (one-shot commands).
 
+mod backfill;
 mod dlq;
 mod integrations;
 mod requests;
@@ -50,6 +51,9 @@ enum Command {
     /// Connect, inspect and change Vitally integrations (one per Slack workspace).
     #[command(subcommand)]
     Integrations(integrations::IntegrationsCommand),
+    /// Import historical requests (opt-in, past the forward-only rule) on the backfill
+    /// lane with a share of the budget; without --file, show the workspace's backfills.
+    Backfill(backfill::BackfillArgs),
     /// Where did a request go? Show, list and resync requests from the ledger.
     #[command(subcommand)]
     Requests(requests::RequestsCommand),
@@ -112,6 +116,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Requests(command) => {
             telemetry::init_tracing(config.log_format, "warn,thena::audit=info");
             requests::run(config, command).await
+        }
+        Command::Backfill(args) => {
+            telemetry::init_tracing(config.log_format, "warn,thena::audit=info,lapin=off");
+            backfill::run(config, args).await
         }
         Command::Migrate => {
             telemetry::init_tracing(config.log_format, "warn");

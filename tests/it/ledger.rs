@@ -347,6 +347,7 @@ async fn explain_narrates_each_step_against_live_vitally_and_writes_nothing() {
                 link: None,
                 instance_id: None,
                 failed_attempt: false,
+                backfill_job: None,
             })
             .await
             .unwrap();

@@ -1,6 +1,7 @@
 //! Integration tests over the wire: real RabbitMQ and Redis on this machine, the
 //! project's fake Vitally over real HTTP, consumers built as the binary builds them.
 
+mod backfill;
 mod channels;
 mod chaos;
 mod cli;

@@ -9,7 +9,10 @@ use prometheus::Registry;
 use thena_events::sample;
 use thena_runtime::ops::Readiness;
 use thena_store::ledger::Ledger;
-use thena_sync::outcome::{Outcome, Skip};
+use thena_sync::{
+    outcome::{Outcome, Skip},
+    policy::Lane,
+};
 use thena_testkit::wait_until;
 
 use crate::support::{Fleet, WS};
@@ -127,14 +130,14 @@ async fn a_workspace_cached_as_unconnected_is_read_again_before_an_event_is_skip
     let pipeline = worker.pipeline.clone();
 
     let first = sample::event("T-LATE", 1, 1, Some("alice@acme.com"));
-    let (outcome, _) = pipeline.process(&first, false).await;
+    let (outcome, _) = pipeline.process(&first, false, Lane::Live).await;
     assert_eq!(outcome, Outcome::Skipped(Skip::NeverConnected));
 
     fleet
         .connect("T-LATE", |r| r.established_at = an_hour_ago())
         .await;
     let second = sample::event("T-LATE", 2, 1, Some("alice@acme.com"));
-    let (outcome, _) = pipeline.process(&second, false).await;
+    let (outcome, _) = pipeline.process(&second, false, Lane::Live).await;
     assert!(
         matches!(outcome, Outcome::Synced { .. }),
         "a stale cache must not skip it: {outcome:?}"

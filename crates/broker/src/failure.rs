@@ -23,6 +23,8 @@ pub const DEAD_LETTERED_AT_HEADER: &str = "x-thena-dead-lettered-at";
 pub const PARKED_AT_HEADER: &str = "x-thena-parked-at";
 /// The event's workspace, set by the producer (readable without decoding the body).
 pub const WORKSPACE_HEADER: &str = "x-thena-workspace";
+/// The backfill job a historical snapshot belongs to (only on the backfill lane).
+pub const BACKFILL_JOB_HEADER: &str = "x-thena-backfill-job";
 
 /// Every header that describes a failure; stripped when a message is replayed by hand.
 pub const FAILURE_HEADERS: [&str; 10] = [

@@ -3,11 +3,11 @@
 use prometheus::{IntCounter, IntGaugeVec, Opts, Registry};
 
 /// `queue` label values of [`BrokerMetrics::queue_messages`].
-pub const QUEUE_LABELS: [&str; 4] = ["sync", "dead", "parked", "delay"];
+pub const QUEUE_LABELS: [&str; 5] = ["sync", "backfill", "dead", "parked", "delay"];
 
 #[derive(Clone, Debug)]
 pub struct BrokerMetrics {
-    /// `thena_vitally_queue_messages{queue="sync|dead|parked|delay"}` (delay: all tiers).
+    /// `thena_vitally_queue_messages{queue="sync|backfill|dead|parked|delay"}` (delay: all tiers).
     pub queue_messages: IntGaugeVec,
     /// `thena_vitally_queue_depth_polls_total`: completed polls of the depths (and, by the
     /// replayer, of the parked set).

@@ -24,7 +24,10 @@ use tokio::sync::Mutex;
 
 use crate::{
     broker::{Broker, BrokerError},
-    failure::{DEAD_LETTERED_AT_HEADER, Failure, PARKED_AT_HEADER, WORKSPACE_HEADER, rfc3339},
+    failure::{
+        BACKFILL_JOB_HEADER, DEAD_LETTERED_AT_HEADER, Failure, PARKED_AT_HEADER, WORKSPACE_HEADER,
+        rfc3339,
+    },
     topology::{Topology, Wake},
 };
 
@@ -140,26 +143,46 @@ impl Publisher {
 
     /// Publishes an accepted event for the consumers. `Ok` only after the broker's ack.
     pub async fn publish_event(&self, event: &RequestChanged) -> Result<(), PublishError> {
+        self.publish_snapshot(event, &Topology::routing_key(&event.workspace_id), None)
+            .await
+    }
+
+    /// Publishes a historical snapshot of backfill `job` on the backfill lane.
+    pub async fn publish_backfill(
+        &self,
+        event: &RequestChanged,
+        job: &str,
+    ) -> Result<(), PublishError> {
+        let routing_key = Topology::backfill_routing_key(&event.workspace_id);
+        self.publish_snapshot(event, &routing_key, Some(job)).await
+    }
+
+    async fn publish_snapshot(
+        &self,
+        event: &RequestChanged,
+        routing_key: &str,
+        backfill_job: Option<&str>,
+    ) -> Result<(), PublishError> {
         let body = serde_json::to_vec(event)?;
         let mut headers = FieldTable::default();
         headers.insert(
             WORKSPACE_HEADER.into(),
             AMQPValue::LongString(LongString::from(event.workspace_id.as_str())),
         );
+        if let Some(job) = backfill_job {
+            headers.insert(
+                BACKFILL_JOB_HEADER.into(),
+                AMQPValue::LongString(LongString::from(job)),
+            );
+        }
         let properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type("application/json".into())
             .with_message_id(event.event_id.to_string().into())
             .with_timestamp(u64::try_from(Utc::now().timestamp()).unwrap_or(0))
             .with_headers(headers);
-        let topology = self.topology();
-        self.publish(
-            &topology.exchange(),
-            &Topology::routing_key(&event.workspace_id),
-            &body,
-            properties,
-        )
-        .await
+        self.publish(&self.topology().exchange(), routing_key, &body, properties)
+            .await
     }
 
     /// Any message, with the same confirm semantics (mandatory, `Ok` only after an ack).

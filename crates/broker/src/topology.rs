@@ -84,6 +84,12 @@ impl Topology {
         format!("{}.requests.sync", self.prefix)
     }
 
+    /// The backfill lane: historical snapshots an operator imported, consumed beside the
+    /// sync queue on a few slots of their own and a share of the budget.
+    pub fn backfill_queue(&self) -> String {
+        format!("{}.requests.backfill", self.prefix)
+    }
+
     /// Fanout exchange for failed messages (explicit dead letters and delivery-limit poison).
     pub fn dlx(&self) -> String {
         format!("{}.requests.dlx", self.prefix)
@@ -126,6 +132,12 @@ impl Topology {
 
     pub fn routing_key(workspace_id: &str) -> String {
         format!("request.{workspace_id}")
+    }
+
+    /// The routing key of a backfilled snapshot: it stays on the backfill lane through
+    /// every delay queue and replay, since they all keep the original routing key.
+    pub fn backfill_routing_key(workspace_id: &str) -> String {
+        format!("backfill.{workspace_id}")
     }
 
     /// The delay tier that wakes a message as `wake` asks.
@@ -172,21 +184,14 @@ impl Topology {
             )
             .await?;
 
-        let mut sync_args = quorum_args();
-        sync_args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
-        );
-        sync_args.insert("x-dead-letter-exchange".into(), long_string(&self.dlx()));
-        // At-least-once dead-lettering: a poison message is not dropped if the DLX target
-        // is briefly unavailable. RabbitMQ requires reject-publish overflow for it.
-        sync_args.insert(
-            "x-dead-letter-strategy".into(),
-            long_string("at-least-once"),
-        );
-        sync_args.insert("x-overflow".into(), long_string("reject-publish"));
-        declare_queue(channel, &self.sync_queue(), sync_args).await?;
-        bind(channel, &self.sync_queue(), &self.exchange(), "request.#").await?;
+        // The two work queues: the live lane and the backfill lane.
+        for (queue, pattern) in [
+            (self.sync_queue(), "request.#"),
+            (self.backfill_queue(), "backfill.#"),
+        ] {
+            declare_queue(channel, &queue, self.work_queue_args()).await?;
+            bind(channel, &queue, &self.exchange(), pattern).await?;
+        }
 
         // Every queue's limit and dead-letter target is explicit: RabbitMQ 4.x gives a
         // quorum queue without one a delivery limit of 20 and then drops the message.
@@ -265,9 +270,33 @@ impl Topology {
         Ok(())
     }
 
+    /// A work queue's arguments: quorum, with the delivery limit after which RabbitMQ
+    /// dead-letters a message that keeps crashing consumers.
+    fn work_queue_args(&self) -> FieldTable {
+        let mut args = quorum_args();
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+        );
+        args.insert("x-dead-letter-exchange".into(), long_string(&self.dlx()));
+        // At-least-once dead-lettering: a poison message is not dropped if the DLX target
+        // is briefly unavailable. RabbitMQ requires reject-publish overflow for it.
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            long_string("at-least-once"),
+        );
+        args.insert("x-overflow".into(), long_string("reject-publish"));
+        args
+    }
+
     /// Every queue [`Self::declare`] creates.
     pub fn queues(&self) -> Vec<String> {
-        let mut queues = vec![self.sync_queue(), self.dead_queue(), self.parked_queue()];
+        let mut queues = vec![
+            self.sync_queue(),
+            self.backfill_queue(),
+            self.dead_queue(),
+            self.parked_queue(),
+        ];
         queues.extend(self.delay_queues());
         queues
     }

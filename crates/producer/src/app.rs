@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use vitally_client::{client::VitallyHttp, integrations::IntegrationStore};
 
 use crate::{
-    OPENAPI_JSON, admin, auth, config::ProducerConfig, dead_letters::routes as dead_letters, error,
-    ingest, metrics::IngestMetrics,
+    OPENAPI_JSON, admin, auth, backfill, config::ProducerConfig,
+    dead_letters::routes as dead_letters, error, ingest, metrics::IngestMetrics,
 };
 
 /// How often the "broker" and "postgres" readiness checks are refreshed.
@@ -166,6 +166,16 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/integrations/{workspace_id}/requests",
             get(admin::list_requests),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/backfill",
+            post(backfill::post)
+                .get(backfill::list)
+                .layer(DefaultBodyLimit::max(backfill::BODY_LIMIT)),
+        )
+        .route(
+            "/v1/integrations/{workspace_id}/backfill/{job}",
+            get(backfill::show),
         )
         .route(
             "/v1/integrations/{workspace_id}/requests/{request_id}",

@@ -9,6 +9,7 @@
 mod admin;
 mod app;
 mod auth;
+pub mod backfill;
 mod config;
 mod dead_letters;
 pub mod emit;

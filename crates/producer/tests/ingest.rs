@@ -978,6 +978,9 @@ const ROUTES: &[(&str, &str)] = &[
         "GET",
         "/v1/integrations/{workspace_id}/requests/{request_id}",
     ),
+    ("POST", "/v1/integrations/{workspace_id}/backfill"),
+    ("GET", "/v1/integrations/{workspace_id}/backfill"),
+    ("GET", "/v1/integrations/{workspace_id}/backfill/{job}"),
     ("GET", "/v1/dead-letters"),
     ("GET", "/v1/dead-letters/{id}"),
     ("POST", "/v1/dead-letters/replay"),
@@ -1048,7 +1051,10 @@ async fn the_openapi_document_describes_exactly_the_routes_the_router_serves() {
         let body = response.text().await.unwrap();
         assert_ne!(status, 405, "{method} {path}");
         assert!(
-            status != 404 || body.contains("not connected") || body.contains("no dead letter"),
+            status != 404
+                || body.contains("not connected")
+                || body.contains("no dead letter")
+                || body.contains("no backfill"),
             "{method} {path} is not routed: {body}"
         );
     }

@@ -301,6 +301,7 @@ async fn fill_ledger(db: &thena_store::Db) -> anyhow::Result<()> {
                         link: None,
                         instance_id: None,
                         failed_attempt: false,
+                        backfill_job: None,
                     })
                     .await
             }

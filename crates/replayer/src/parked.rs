@@ -8,7 +8,9 @@ use lapin::{
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use thena_broker::{Failure, PARKED_AT_HEADER, Topology, WORKSPACE_HEADER, header_str};
+use thena_broker::{
+    BACKFILL_JOB_HEADER, Failure, PARKED_AT_HEADER, Topology, WORKSPACE_HEADER, header_str,
+};
 use thena_events::RequestChanged;
 use thena_store::{dead_letters::NewDeadLetter, ledger::Entry};
 
@@ -93,17 +95,29 @@ impl Parked {
     /// The request's ledger line for this park, if the drain owes one.
     pub fn ledger_entry(&self) -> Option<Entry> {
         let event = self.event.as_ref().filter(|_| self.by_rabbitmq)?;
+        let backfill_job = self
+            .letter
+            .headers
+            .get(BACKFILL_JOB_HEADER)
+            .and_then(Value::as_str);
         Some(parked_entry(
             event,
             &self.letter.reason,
             &self.letter.last_error,
+            backfill_job,
         ))
     }
 }
 
 /// A request's ledger line for a park decided outside the consumer (by the replayer, or
-/// by RabbitMQ's delivery limit): the consumer counted the attempts it saw.
-pub fn parked_entry(event: &RequestChanged, reason: &str, error: &str) -> Entry {
+/// by RabbitMQ's delivery limit): the consumer counted the attempts it saw. A backfilled
+/// request's park settles its item of `backfill_job`.
+pub fn parked_entry(
+    event: &RequestChanged,
+    reason: &str,
+    error: &str,
+    backfill_job: Option<&str>,
+) -> Entry {
     Entry {
         workspace_id: event.workspace_id.clone(),
         request_id: event.request.id,
@@ -115,6 +129,7 @@ pub fn parked_entry(event: &RequestChanged, reason: &str, error: &str) -> Entry 
         link: None,
         instance_id: None,
         failed_attempt: false,
+        backfill_job: backfill_job.map(str::to_owned),
     }
 }
 

@@ -362,7 +362,11 @@ impl Replayer {
                     .ok()
                     .filter(|_| first_park)
                 {
-                    let entry = parked_entry(&event, reason, &failure.last_error);
+                    let backfill_job = delivery.properties.headers().as_ref().and_then(|h| {
+                        thena_broker::header_str(h, thena_broker::BACKFILL_JOB_HEADER)
+                    });
+                    let entry =
+                        parked_entry(&event, reason, &failure.last_error, backfill_job.as_deref());
                     let recorded = persist("the ledger line of a park", config, shutdown, || {
                         deps.ledger.record(entry.clone())
                     })
@@ -541,6 +545,7 @@ async fn refresh_depths(
     let topology = broker.topology();
     for (label, queue) in [
         ("sync", topology.sync_queue()),
+        ("backfill", topology.backfill_queue()),
         ("dead", topology.dead_queue()),
         ("parked", topology.parked_queue()),
     ] {

@@ -231,6 +231,18 @@ pub const VARIABLES: &[Var] = &[
         "Unacked deliveries RabbitMQ hands one consumer (at least CONSUMER_CONCURRENCY)",
     ),
     var(
+        "BACKFILL_CONCURRENCY",
+        "4",
+        count(1, 256),
+        "Backfilled snapshots one consumer processes at once, on slots of their own (the live lane keeps CONSUMER_CONCURRENCY)",
+    ),
+    var(
+        "BACKFILL_BUDGET_SHARE",
+        "0.3",
+        Rule::Share,
+        "Most of an integration's Vitally budget a backfill may use, and only what live events leave idle",
+    ),
+    var(
         "SHUTDOWN_GRACE",
         "25s",
         within(secs(1), secs(10 * MINUTE)),
@@ -393,6 +405,8 @@ impl FromStr for LogFormat {
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub concurrency: usize,
+    pub backfill_concurrency: usize,
+    pub backfill_budget_share: f64,
     pub prefetch: u16,
     pub shutdown_grace: Duration,
     pub max_rate_wait: Duration,
@@ -548,6 +562,8 @@ impl Config {
             redis_prefix: name(&parsed, "REDIS_PREFIX")?,
             consumer: ConsumerSettings {
                 concurrency: number(&parsed, "CONSUMER_CONCURRENCY")?,
+                backfill_concurrency: number(&parsed, "BACKFILL_CONCURRENCY")?,
+                backfill_budget_share: share(&parsed, "BACKFILL_BUDGET_SHARE")?,
                 prefetch: number(&parsed, "CONSUMER_PREFETCH")?,
                 shutdown_grace: duration(&parsed, "SHUTDOWN_GRACE")?,
                 max_rate_wait: duration(&parsed, "RATE_LIMIT_MAX_WAIT")?,

@@ -647,6 +647,7 @@ fn replayed_entry(letter: &DeadLetter, actor: &str, why: &str) -> Option<Entry> 
         link: None,
         instance_id: None,
         failed_attempt: false,
+        backfill_job: None,
     })
 }
 

@@ -41,6 +41,15 @@ pub struct Entry {
     pub instance_id: Option<String>,
     /// Whether this outcome cost an attempt (a failure that will be retried or parked).
     pub failed_attempt: bool,
+    /// The backfill job the event came from, which a final outcome settles.
+    pub backfill_job: Option<String>,
+}
+
+impl Entry {
+    /// Whether the request is done with, for now: nothing of this event comes back.
+    fn is_final(&self) -> bool {
+        matches!(self.outcome, "synced" | "skipped" | "parked")
+    }
 }
 
 /// One row of a request's history.
@@ -402,6 +411,29 @@ pub async fn write_in(tx: &Transaction<'_>, entries: &[&Entry]) -> Result<(), Db
         let tx = &tx;
         let prune = &prune;
         async move { tx.execute(prune, &[ws, id, &HISTORY_PER_REQUEST]).await }
+    }))
+    .await?;
+    settle_backfills(tx, entries).await?;
+    Ok(())
+}
+
+/// A backfilled request's first final outcome settles its item, in the ledger's own
+/// transaction (a job's progress never runs ahead of, or behind, its requests' rows).
+async fn settle_backfills(tx: &Transaction<'_>, entries: &[&Entry]) -> Result<(), DbError> {
+    let settle = tx
+        .prepare_cached(
+            "UPDATE backfill_items SET outcome = $3, reason = $4, settled_at = now()
+             WHERE job_id = $1 AND request_id = $2 AND settled_at IS NULL",
+        )
+        .await?;
+    try_join_all(entries.iter().filter(|e| e.is_final()).filter_map(|entry| {
+        let job = entry.backfill_job.as_ref()?;
+        let request_id = entry.request_id as i64;
+        let settle = &settle;
+        Some(async move {
+            tx.execute(settle, &[job, &request_id, &entry.outcome, &entry.reason])
+                .await
+        })
     }))
     .await?;
     Ok(())

@@ -6,6 +6,7 @@
 //! pool whose connections all use the deployment's schema (`DATABASE_SCHEMA`), so tests
 //! and demo runs each get their own schema in one database and drop it afterwards.
 
+pub mod backfill;
 pub mod dead_letters;
 pub mod ledger;
 pub mod migrate;

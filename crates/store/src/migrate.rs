@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "dead_letters",
         sql: include_str!("../migrations/0003_dead_letters.sql"),
     },
+    Migration {
+        version: 4,
+        name: "backfill",
+        sql: include_str!("../migrations/0004_backfill.sql"),
+    },
 ];
 
 /// What a run did.

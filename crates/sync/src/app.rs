@@ -90,6 +90,7 @@ pub async fn build_worker(
             lock_ttl: config.consumer.request_lock_ttl,
             fields_ttl: config.cache.fields_ttl,
             actor: "consumer".to_owned(),
+            backfill_budget_share: config.consumer.backfill_budget_share,
         },
         metrics: metrics.clone(),
         keys,
@@ -101,6 +102,7 @@ pub async fn build_worker(
         pipeline: Arc::new(pipeline),
         settings: WorkerSettings {
             concurrency: config.consumer.concurrency,
+            backfill_concurrency: config.consumer.backfill_concurrency,
             prefetch: config.consumer.prefetch,
             shutdown_grace: config.consumer.shutdown_grace,
             hold_wait: config.health_probe_interval.min(Duration::from_secs(30)),

@@ -56,7 +56,7 @@ pub async fn explain(
         sync_threads: integration.sync_threads,
         established_at: integration.established_at,
     };
-    let may_update = match policy::decide(event, &toggles) {
+    let may_update = match policy::decide(event, &toggles, policy::Lane::Live) {
         PolicyDecision::Skip(reason) => {
             steps.say(format!("policy: skip ({})", reason.as_str()));
             return Ok(done(steps, format!("no sync: {}", reason.as_str()), None));

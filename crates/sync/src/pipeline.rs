@@ -20,7 +20,7 @@ use vitally_client::{
     client::{Instance, InstanceBody, Link, NewUser, User, VitallyClient, VitallyHttp},
     error::{ErrorClass, ErrorKind, VitallyError},
     integrations::{Connection, Health, Integration, IntegrationCache, StoreError},
-    limiter::{RateLimiter, Turn, TurnFor},
+    limiter::{Admission, RateLimiter, Turn, TurnFor},
     mapping::{FieldMap, FieldRef, MappingOptions, map_instance},
     provision::{self, ConnectError},
 };
@@ -36,7 +36,7 @@ use crate::{
     },
     metrics::SyncMetrics,
     outcome::{Outcome, Skip, Write},
-    policy::{self, PolicyDecision, Toggles},
+    policy::{self, Lane, PolicyDecision, Toggles},
 };
 
 /// How long a call may wait for budget once its event already made a call.
@@ -76,6 +76,8 @@ pub struct PipelineSettings {
     pub fields_ttl: Duration,
     /// Who this replica is in an integration's history (`consumer@host`).
     pub actor: String,
+    /// Most of an integration's budget the backfill lane may use.
+    pub backfill_budget_share: f64,
 }
 
 /// What the pipeline learnt about one event beyond its outcome, for the ledger.
@@ -383,6 +385,9 @@ struct Session<'a> {
     prepaid: AtomicU32,
     /// Calls asked for so far.
     calls: AtomicU32,
+    lane: Lane,
+    /// The backfill lane's own budget (a share of the integration's).
+    backfill_budget: u32,
 }
 
 impl Session<'_> {
@@ -431,6 +436,9 @@ impl Session<'_> {
     /// the event (whose earlier lookups are cached by then) can finish when it comes
     /// back — never deferred by the raw backlog and made to queue again from the end.
     async fn admit(&self) -> Result<(), StepError> {
+        if self.lane == Lane::Backfill {
+            return self.admit_backfill().await;
+        }
         let calls = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
         let first = calls == 1;
         if !first
@@ -467,6 +475,37 @@ impl Session<'_> {
             Turn::Wait(wait) => Err(StepError::OutOfBudget(wait)),
         }
     }
+
+    /// A backfilled snapshot's call: first a slot of the backfill's own share (waited
+    /// for here: the lane has slots of its own), then a slot of the integration's budget
+    /// that is free right now — live events never wait for a backfill, and never queue
+    /// behind one.
+    async fn admit_backfill(&self) -> Result<(), StepError> {
+        let share_key = format!("{}:backfill", self.budget_key);
+        match self
+            .limiter
+            .acquire_as(
+                &share_key,
+                self.workspace,
+                self.backfill_budget,
+                self.in_event_wait,
+            )
+            .await
+        {
+            Admission::Granted => {}
+            Admission::Wait(wait) | Admission::Paused(wait) => {
+                return Err(StepError::OutOfBudget(wait));
+            }
+        }
+        match self
+            .limiter
+            .acquire_as(self.budget_key, self.workspace, self.budget, Duration::ZERO)
+            .await
+        {
+            Admission::Granted => Ok(()),
+            Admission::Wait(wait) | Admission::Paused(wait) => Err(StepError::OutOfBudget(wait)),
+        }
+    }
 }
 
 impl Pipeline {
@@ -474,7 +513,12 @@ impl Pipeline {
     /// retried, held, redelivered) is first resolved to its request's latest snapshot:
     /// older messages of a request then cost no Vitally call, and a burst of changes
     /// that waited out a budget costs one write.
-    pub async fn process(&self, event: &RequestChanged, returning: bool) -> (Outcome, Trace) {
+    pub async fn process(
+        &self,
+        event: &RequestChanged,
+        returning: bool,
+        lane: Lane,
+    ) -> (Outcome, Trace) {
         // The message's own id, kept through coalescing: it names the message's place in
         // the queue for budget when it comes back.
         let holder = event.event_id.to_string();
@@ -486,7 +530,7 @@ impl Pipeline {
         let event = newer.as_ref().unwrap_or(event);
         let tracer = Tracer::default();
         tracer.update(|t| t.version = Some(event.request.version));
-        let outcome = match fault::catch(self.try_process(event, &holder, &tracer)).await {
+        let outcome = match fault::catch(self.try_process(event, &holder, lane, &tracer)).await {
             Ok(Ok(outcome)) => outcome,
             Ok(Err(error)) => error.into_outcome(),
             Err(panic) => StepError::Panicked(panic).into_outcome(),
@@ -580,6 +624,7 @@ impl Pipeline {
         &self,
         event: &RequestChanged,
         holder: &str,
+        lane: Lane,
         tracer: &Tracer,
     ) -> Result<Outcome, StepError> {
         let integration = match self.integration(&event.workspace_id).await? {
@@ -609,7 +654,7 @@ impl Pipeline {
             sync_threads: integration.sync_threads,
             established_at: integration.established_at,
         };
-        let may_update = match policy::decide(event, &toggles) {
+        let may_update = match policy::decide(event, &toggles, lane) {
             PolicyDecision::Skip(reason) => return Ok(Outcome::Skipped(Skip::Policy(reason))),
             PolicyDecision::Sync { may_update } => may_update,
         };
@@ -636,7 +681,7 @@ impl Pipeline {
         // Bounded well inside the lock's lifetime: past it another consumer could take the
         // lock and, for a new request, create a second instance.
         let lease = thena_runtime::config::work_lease(self.settings.lock_ttl);
-        let work = fault::catch(self.locked(event, holder, &integration, may_update, tracer));
+        let work = fault::catch(self.locked(event, holder, lane, &integration, may_update, tracer));
         let result = match tokio::time::timeout(lease, work).await {
             Ok(Ok(result)) => result,
             // Caught here, so the lock is released below.
@@ -655,6 +700,7 @@ impl Pipeline {
         &self,
         event: &RequestChanged,
         holder: &str,
+        lane: Lane,
         integration: &Arc<Integration>,
         may_update: bool,
         tracer: &Tracer,
@@ -693,6 +739,11 @@ impl Pipeline {
             },
             prepaid: AtomicU32::new(0),
             calls: AtomicU32::new(0),
+            lane,
+            backfill_budget: ((f64::from(integration.rate_budget_per_min)
+                * self.settings.backfill_budget_share)
+                .floor() as u32)
+                .max(1),
         };
         let linked = self.resolve_target(&session, event, tracer).await?;
         // A version synced before means an instance to keep current, whatever the link.

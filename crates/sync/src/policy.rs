@@ -24,6 +24,16 @@ impl PolicySkip {
     }
 }
 
+/// Which queue an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Thena's live changes.
+    Live,
+    /// Historical snapshots an operator imported (`backfill`): past the forward-only rule
+    /// by that explicit choice, on slots and a share of the budget of their own.
+    Backfill,
+}
+
 /// The part of an integration record policy reads.
 #[derive(Debug, Clone, Copy)]
 pub struct Toggles {
@@ -42,11 +52,15 @@ pub enum PolicyDecision {
     Skip(PolicySkip),
 }
 
-pub fn decide(event: &RequestChanged, toggles: &Toggles) -> PolicyDecision {
+pub fn decide(event: &RequestChanged, toggles: &Toggles, lane: Lane) -> PolicyDecision {
     if !toggles.push_requests {
         return PolicyDecision::Skip(PolicySkip::PushDisabled);
     }
-    if event.request.created_at < toggles.established_at {
+    let forward_only = match lane {
+        Lane::Live => true,
+        Lane::Backfill => false,
+    };
+    if forward_only && event.request.created_at < toggles.established_at {
         return PolicyDecision::Skip(PolicySkip::BeforeIntegration);
     }
     let thread_only = match event.change {
@@ -81,7 +95,7 @@ mod tests {
     fn each_toggle_decides() {
         let event = sample::full_event();
         assert_eq!(
-            decide(&event, &toggles()),
+            decide(&event, &toggles(), Lane::Live),
             PolicyDecision::Sync { may_update: true }
         );
         let off = Toggles {
@@ -89,7 +103,7 @@ mod tests {
             ..toggles()
         };
         assert_eq!(
-            decide(&event, &off),
+            decide(&event, &off, Lane::Live),
             PolicyDecision::Skip(PolicySkip::PushDisabled)
         );
         let no_update = Toggles {
@@ -97,7 +111,7 @@ mod tests {
             ..toggles()
         };
         assert_eq!(
-            decide(&event, &no_update),
+            decide(&event, &no_update, Lane::Live),
             PolicyDecision::Sync { may_update: false }
         );
         let later = Toggles {
@@ -105,8 +119,35 @@ mod tests {
             ..toggles()
         };
         assert_eq!(
-            decide(&event, &later),
+            decide(&event, &later, Lane::Live),
             PolicyDecision::Skip(PolicySkip::BeforeIntegration)
+        );
+    }
+
+    #[test]
+    fn a_backfilled_snapshot_passes_the_forward_only_rule_and_nothing_else() {
+        let event = sample::full_event();
+        let later = Toggles {
+            established_at: event.request.created_at + Duration::days(30),
+            ..toggles()
+        };
+        assert_eq!(
+            decide(&event, &later, Lane::Backfill),
+            PolicyDecision::Sync { may_update: true }
+        );
+        let off = Toggles {
+            push_requests: false,
+            ..later
+        };
+        assert_eq!(
+            decide(&event, &off, Lane::Backfill),
+            PolicyDecision::Skip(PolicySkip::PushDisabled)
+        );
+        let mut thread = event.clone();
+        thread.change = Change::Thread;
+        assert_eq!(
+            decide(&thread, &later, Lane::Backfill),
+            PolicyDecision::Skip(PolicySkip::ThreadOnly)
         );
     }
 
@@ -115,7 +156,7 @@ mod tests {
         let mut event = sample::full_event();
         event.change = Change::Thread;
         assert_eq!(
-            decide(&event, &toggles()),
+            decide(&event, &toggles(), Lane::Live),
             PolicyDecision::Skip(PolicySkip::ThreadOnly)
         );
         let threads = Toggles {
@@ -123,7 +164,7 @@ mod tests {
             ..toggles()
         };
         assert_eq!(
-            decide(&event, &threads),
+            decide(&event, &threads, Lane::Live),
             PolicyDecision::Sync { may_update: true }
         );
     }

@@ -16,7 +16,9 @@ use lapin::{
     },
     types::FieldTable,
 };
-use thena_broker::{Broker, Failure, FailureClass, Publisher, Wake};
+use thena_broker::{
+    BACKFILL_JOB_HEADER, Broker, Failure, FailureClass, Publisher, Wake, header_str,
+};
 use thena_events::{RequestChanged, decode_event};
 use thena_runtime::ops::Readiness;
 use tokio::sync::{Semaphore, mpsc};
@@ -30,11 +32,14 @@ use crate::{
     metrics::SyncMetrics,
     outcome::Outcome,
     pipeline::{Pipeline, Trace},
+    policy::Lane,
 };
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     pub concurrency: usize,
+    /// Slots of the backfill lane (its prefetch too).
+    pub backfill_concurrency: usize,
     pub prefetch: u16,
     pub shutdown_grace: Duration,
     /// How long a held event (paused integration) waits before it looks again.
@@ -101,19 +106,65 @@ impl Worker {
             shutdown.child_token(),
         ));
         let tracker = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(self.settings.concurrency));
+        // Each lane has slots of its own: a backfill never takes a live event's slot.
+        let (live, backfill) = tokio::join!(
+            self.consume(Lane::Live, &tracker, &shutdown),
+            self.consume(Lane::Backfill, &tracker, &shutdown),
+        );
+
+        // Stop new deliveries first; prefetched, unstarted ones go back to the queue when
+        // the channel closes.
+        let last_channels: Vec<_> = [live?, backfill?].into_iter().flatten().collect();
+        for (channel, tag) in &last_channels {
+            if let Err(e) = channel
+                .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                .await
+            {
+                tracing::debug!(error = %e, "cancel on shutdown");
+            }
+        }
+        tracker.close();
+        let in_flight = tracker.len();
+        if tokio::time::timeout(self.settings.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                unfinished = tracker.len(),
+                "grace period over; unfinished deliveries will be redelivered"
+            );
+        } else {
+            tracing::info!(in_flight, "in-flight deliveries finished");
+        }
+        for (channel, _) in last_channels {
+            let _ = channel.close(200, "shutdown".into()).await;
+        }
+        self.readiness.set("broker", false);
+        Ok(())
+    }
+
+    /// Consumes one lane's queue until `shutdown`, resubscribing whenever the broker
+    /// goes away or cancels us; returns the channel and consumer tag it last used.
+    async fn consume(
+        &self,
+        lane: Lane,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<(lapin::Channel, lapin::types::ShortString)>> {
+        let slots = Arc::new(Semaphore::new(match lane {
+            Lane::Live => self.settings.concurrency,
+            Lane::Backfill => self.settings.backfill_concurrency,
+        }));
         let mut backoff = reconnect_backoff();
-        let mut last_channel = None;
-        'connection: while !shutdown.is_cancelled() {
-            let subscribed = self.subscribe().await;
-            let (channel, mut consumer, settler) = match subscribed {
+        while !shutdown.is_cancelled() {
+            let (channel, mut consumer, settler) = match self.subscribe(lane).await {
                 Ok(parts) => parts,
                 Err(e) => {
                     self.readiness.set("broker", false);
                     let pause = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(error = %e, retry_in = ?pause, "cannot subscribe; retrying");
                     tokio::select! {
-                        _ = shutdown.cancelled() => break 'connection,
+                        _ = shutdown.cancelled() => return Ok(None),
                         _ = tokio::time::sleep(pause) => {}
                     }
                     continue;
@@ -121,20 +172,14 @@ impl Worker {
             };
             backoff = reconnect_backoff();
             self.readiness.set("broker", true);
-            tracing::info!(queue = %self.broker.topology().sync_queue(), "consuming");
+            tracing::info!(queue = %self.queue(lane), "consuming");
             loop {
                 let permit = tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        last_channel = Some((channel, consumer.tag()));
-                        break 'connection;
-                    }
+                    _ = shutdown.cancelled() => return Ok(Some((channel, consumer.tag()))),
                     permit = slots.clone().acquire_owned() => permit?,
                 };
                 let next = tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        last_channel = Some((channel, consumer.tag()));
-                        break 'connection;
-                    }
+                    _ = shutdown.cancelled() => return Ok(Some((channel, consumer.tag()))),
                     next = consumer.next() => next,
                 };
                 match next {
@@ -142,7 +187,7 @@ impl Worker {
                         let pipeline = self.pipeline.clone();
                         let settler = settler.clone();
                         tracker.spawn(async move {
-                            settler.handle(&pipeline, delivery).await;
+                            settler.handle(&pipeline, delivery, lane).await;
                             drop(permit);
                         });
                     }
@@ -158,45 +203,34 @@ impl Worker {
             }
             self.readiness.set("broker", false);
         }
-
-        // Stop new deliveries first; prefetched, unstarted ones go back to the queue when
-        // the channel closes.
-        if let Some((channel, tag)) = &last_channel
-            && let Err(e) = channel
-                .basic_cancel(tag.clone(), BasicCancelOptions::default())
-                .await
-        {
-            tracing::debug!(error = %e, "cancel on shutdown");
-        }
-        tracker.close();
-        let in_flight = tracker.len();
-        if tokio::time::timeout(self.settings.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                unfinished = tracker.len(),
-                "grace period over; unfinished deliveries will be redelivered"
-            );
-        } else {
-            tracing::info!(in_flight, "in-flight deliveries finished");
-        }
-        if let Some((channel, _)) = last_channel {
-            let _ = channel.close(200, "shutdown".into()).await;
-        }
-        self.readiness.set("broker", false);
-        Ok(())
+        Ok(None)
     }
 
-    async fn subscribe(&self) -> anyhow::Result<(lapin::Channel, lapin::Consumer, Settler)> {
+    fn queue(&self, lane: Lane) -> String {
+        let topology = self.broker.topology();
+        match lane {
+            Lane::Live => topology.sync_queue(),
+            Lane::Backfill => topology.backfill_queue(),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        lane: Lane,
+    ) -> anyhow::Result<(lapin::Channel, lapin::Consumer, Settler)> {
         let channel = self.broker.channel().await?;
+        let prefetch = match lane {
+            Lane::Live => self.settings.prefetch,
+            // A backfill holds no more deliveries than it has slots for.
+            Lane::Backfill => u16::try_from(self.settings.backfill_concurrency).unwrap_or(u16::MAX),
+        };
         channel
-            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let tag = format!("consumer-{}", uuid::Uuid::new_v4().simple());
         let consumer = channel
             .basic_consume(
-                self.broker.topology().sync_queue().into(),
+                self.queue(lane).into(),
                 tag.into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -272,7 +306,7 @@ impl Settler {
     /// and the delivery requeued (a redelivery is harmless: the version guard), so it is
     /// never left unacked on a live channel with its slot and in-flight count lost.
     /// Every line logged meanwhile carries the event's identifiers (its span).
-    async fn handle(&self, pipeline: &Pipeline, delivery: Delivery) {
+    async fn handle(&self, pipeline: &Pipeline, delivery: Delivery, lane: Lane) {
         let _in_flight = InFlight::enter(&self.metrics);
         let span = tracing::info_span!(
             "event",
@@ -283,7 +317,7 @@ impl Settler {
             delivery_tag = delivery.delivery_tag,
         );
         let acker = delivery.acker.clone();
-        let handled = fault::catch(self.work(pipeline, &delivery, &span))
+        let handled = fault::catch(self.work(pipeline, &delivery, lane, &span))
             .instrument(span.clone())
             .await;
         if let Err(panic) = handled {
@@ -291,7 +325,13 @@ impl Settler {
         }
     }
 
-    async fn work(&self, pipeline: &Pipeline, delivery: &Delivery, span: &tracing::Span) {
+    async fn work(
+        &self,
+        pipeline: &Pipeline,
+        delivery: &Delivery,
+        lane: Lane,
+        span: &tracing::Span,
+    ) {
         // Deferred, retried and held messages come back through a delay queue (x-death).
         let returning = delivery.redelivered
             || delivery
@@ -305,7 +345,7 @@ impl Settler {
                 span.record("workspace", event.workspace_id.as_str());
                 span.record("request_id", event.request.id);
                 span.record("version", event.request.version);
-                let (outcome, trace) = pipeline.process(&event, returning).await;
+                let (outcome, trace) = pipeline.process(&event, returning, lane).await;
                 (outcome, trace, Some(event))
             }
             Err(e) => (
@@ -317,7 +357,19 @@ impl Settler {
                 None,
             ),
         };
-        if let Err(e) = self.write_ledger(&outcome, &trace, event.as_ref()).await {
+        // Only the backfill lane's messages belong to a job (a header elsewhere is ignored).
+        let backfill_job = match lane {
+            Lane::Live => None,
+            Lane::Backfill => delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| header_str(h, BACKFILL_JOB_HEADER)),
+        };
+        if let Err(e) = self
+            .write_ledger(&outcome, &trace, event.as_ref(), backfill_job)
+            .await
+        {
             // Never acked before the ledger knows: keep it in the queue instead.
             let (label, reason) = outcome.labels();
             self.requeue(delivery, label, &reason, &e.to_string()).await;
@@ -501,6 +553,7 @@ impl Settler {
         outcome: &Outcome,
         trace: &Trace,
         event: Option<&RequestChanged>,
+        backfill_job: Option<String>,
     ) -> Result<(), thena_store::DbError> {
         let (Some(ledger), Some(event)) = (&self.ledger, event) else {
             return Ok(());
@@ -533,6 +586,7 @@ impl Settler {
                 link: trace.link.clone(),
                 instance_id: trace.instance_id.clone(),
                 failed_attempt,
+                backfill_job,
             })
             .await
     }

@@ -11,7 +11,7 @@ use thena_sync::linking::{
     DomainChoice, DomainNoSync, Memberships, NoLink, Relink, Target, UserLink, choose_by_domain,
     is_free_mail, link_user, relink,
 };
-use thena_sync::policy::{PolicyDecision, PolicySkip, Toggles, decide};
+use thena_sync::policy::{Lane, PolicyDecision, PolicySkip, Toggles, decide};
 use vitally_client::client::Link;
 
 /// The product doc's linking table, verbatim (organization presence, account presence,
@@ -333,7 +333,9 @@ proptest! {
         // Established this many seconds after the request was created (negative: before).
         established_after in prop_oneof![Just(0i64), Just(1), Just(-1), -864_000i64..864_000],
         change in prop_oneof![Just(Change::Created), Just(Change::Metadata), Just(Change::Thread)],
+        backfill in any::<bool>(),
     ) {
+        let lane = if backfill { Lane::Backfill } else { Lane::Live };
         let mut event = sample::full_event();
         event.change = change;
         let established_at: DateTime<Utc> =
@@ -342,25 +344,28 @@ proptest! {
 
         let expected = if !push_requests {
             PolicyDecision::Skip(PolicySkip::PushDisabled)
-        } else if event.request.created_at < established_at {
+        } else if !backfill && event.request.created_at < established_at {
             PolicyDecision::Skip(PolicySkip::BeforeIntegration)
         } else if change == Change::Thread && !sync_threads {
             PolicyDecision::Skip(PolicySkip::ThreadOnly)
         } else {
             PolicyDecision::Sync { may_update: update_requests }
         };
-        prop_assert_eq!(decide(&event, &toggles), expected);
+        prop_assert_eq!(decide(&event, &toggles, lane), expected);
 
-        // Spelled as the product doc says it.
-        match decide(&event, &toggles) {
+        // Spelled as the product doc says it (a backfill is the explicit exception to
+        // forward-only).
+        match decide(&event, &toggles, lane) {
             PolicyDecision::Sync { may_update } => {
                 prop_assert!(push_requests);
-                prop_assert!(established_after <= 0, "forward-only: created before established");
+                prop_assert!(backfill || established_after <= 0, "forward-only: created before established");
                 prop_assert!(change != Change::Thread || sync_threads);
                 prop_assert_eq!(may_update, update_requests);
             }
             PolicyDecision::Skip(_) => prop_assert!(
-                !push_requests || established_after > 0 || (change == Change::Thread && !sync_threads)
+                !push_requests
+                    || (!backfill && established_after > 0)
+                    || (change == Change::Thread && !sync_threads)
             ),
         }
     }

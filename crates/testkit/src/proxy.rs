@@ -9,12 +9,13 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::oneshot,
     task::{JoinHandle, JoinSet},
@@ -28,6 +29,8 @@ pub struct TcpProxy {
     addr: SocketAddr,
     target: String,
     accepted: Arc<AtomicUsize>,
+    /// Milliseconds every forwarded chunk waits (a slow network), 0 for none.
+    latency_ms: Arc<AtomicU64>,
     running: Mutex<Option<Running>>,
 }
 
@@ -46,6 +49,7 @@ impl TcpProxy {
             addr: listener.local_addr()?,
             target: target.into(),
             accepted: Arc::default(),
+            latency_ms: Arc::default(),
             running: Mutex::new(None),
         };
         proxy.listen(listener);
@@ -74,6 +78,15 @@ impl TcpProxy {
     /// Connections accepted so far, across every listening period.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Like a slow network: from now on every chunk forwarded, either way, on every
+    /// connection, waits `latency` first (zero: none).
+    pub fn set_latency(&self, latency: Duration) {
+        self.latency_ms.store(
+            u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Whether the proxy is currently listening.
@@ -127,6 +140,7 @@ impl TcpProxy {
             listener,
             self.target.clone(),
             self.accepted.clone(),
+            self.latency_ms.clone(),
             stopped,
         ));
         *self.slot() = Some(Running { stop, task });
@@ -147,6 +161,7 @@ async fn serve(
     listener: TcpListener,
     target: String,
     accepted: Arc<AtomicUsize>,
+    latency_ms: Arc<AtomicU64>,
     mut stopped: oneshot::Receiver<()>,
 ) {
     let mut pipes = JoinSet::new();
@@ -156,7 +171,7 @@ async fn serve(
             incoming = listener.accept() => match incoming {
                 Ok((client, _)) => {
                     accepted.fetch_add(1, Ordering::Relaxed);
-                    pipes.spawn(pipe(client, target.clone()));
+                    pipes.spawn(pipe(client, target.clone(), latency_ms.clone()));
                 }
                 Err(e) => tracing::debug!(error = %e, "proxy accept failed"),
             },
@@ -169,8 +184,8 @@ async fn serve(
     pipes.shutdown().await;
 }
 
-async fn pipe(mut client: TcpStream, target: String) {
-    let mut server = match TcpStream::connect(&target).await {
+async fn pipe(client: TcpStream, target: String, latency_ms: Arc<AtomicU64>) {
+    let server = match TcpStream::connect(&target).await {
         Ok(server) => server,
         Err(e) => {
             tracing::debug!(error = %e, %target, "proxy cannot reach its target");
@@ -182,15 +197,39 @@ async fn pipe(mut client: TcpStream, target: String) {
         let _ = stream.set_zero_linger();
         let _ = stream.set_nodelay(true);
     }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        tracing::debug!(error = %e, "proxied connection ended");
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    // Either direction ending ends the connection.
+    tokio::select! {
+        _ = forward(client_read, server_write, &latency_ms) => {}
+        _ = forward(server_read, client_write, &latency_ms) => {}
+    }
+}
+
+/// Copies one direction, each chunk after the current latency.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    latency_ms: &AtomicU64,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        let latency = latency_ms.load(Ordering::Relaxed);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     use super::*;
 
     async fn echo_server() -> SocketAddr {
@@ -241,6 +280,18 @@ mod tests {
         assert_eq!(proxy.addr().port(), port);
         round_trip(proxy.addr()).await.unwrap();
         assert_eq!(proxy.accepted(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_latency_delays_every_chunk() {
+        let proxy = TcpProxy::start(echo_server().await.to_string())
+            .await
+            .unwrap();
+        proxy.set_latency(Duration::from_millis(150));
+        let started = tokio::time::Instant::now();
+        round_trip(proxy.addr()).await.unwrap();
+        // There and back: two chunks, each held up.
+        assert!(started.elapsed() >= Duration::from_millis(300));
     }
 
     #[tokio::test]

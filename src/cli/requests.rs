@@ -344,22 +344,10 @@ fn render(r: &RequestRecord) -> String {
             r.outcome_at.map_or("—".to_owned(), when)
         ),
     );
-    let link = r.link.as_ref().map_or("—".to_owned(), |link| {
-        let rule = link["rule"].as_str().unwrap_or("?");
-        match link["no_sync"].as_str() {
-            Some(reason) => format!("{rule} → no sync: {reason}"),
-            None => format!(
-                "{rule} → organization {}, account {}{}",
-                link["organization_id"].as_str().unwrap_or("—"),
-                link["account_id"].as_str().unwrap_or("—"),
-                if link["user_created"] == true {
-                    " (user created)"
-                } else {
-                    ""
-                }
-            ),
-        }
-    });
+    let link = r
+        .link
+        .as_ref()
+        .map_or("—".to_owned(), thena_sync::explain::describe_link);
     line(&mut out, "linking", link);
     line(
         &mut out,

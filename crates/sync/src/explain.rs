@@ -83,6 +83,25 @@ pub async fn explain_request(
     Ok((version, explanation))
 }
 
+/// How the ledger says a request was linked, in one line: `organization + account
+/// (1 org × 1 account) → organization org-1, account acc-1 (user created)`.
+pub fn describe_link(link: &Value) -> String {
+    let rule = link["rule"].as_str().unwrap_or("?");
+    match link["no_sync"].as_str() {
+        Some(reason) => format!("{rule} → no sync: {reason}"),
+        None => format!(
+            "{rule} → organization {}, account {}{}",
+            link["organization_id"].as_str().unwrap_or("—"),
+            link["account_id"].as_str().unwrap_or("—"),
+            if link["user_created"] == true {
+                " (user created)"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
 /// A stored snapshot as the event it was.
 pub fn decode_snapshot(request_id: u64, snapshot: &Value) -> Result<RequestChanged, ExplainError> {
     let bytes = serde_json::to_vec(snapshot).unwrap_or_default();

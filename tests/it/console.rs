@@ -1,0 +1,287 @@
+//! The operator console in a real headless Chromium, over the real producer, consumers,
+//! PostgreSQL, Redis, RabbitMQ and the fake Vitally. Each test leaves screenshots of the
+//! pages it saw under `target/console-screenshots/`.
+
+use std::time::Duration;
+
+use fantoccini::Locator;
+use thena_events::sample;
+use thena_testkit::wait_until;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    browser::Browser,
+    support::{Fleet, WS},
+};
+
+const TOKEN: &str = "console-test-admin-token";
+
+/// A fleet whose producer serves the console on its API port.
+struct Console {
+    fleet: Fleet,
+    url: String,
+    stop: CancellationToken,
+    producer: JoinHandle<std::io::Result<()>>,
+}
+
+impl Console {
+    async fn start() -> Console {
+        let fleet = Fleet::start_with(
+            fake_vitally::FakeConfig::default(),
+            &[("PRODUCER_TOKEN", TOKEN), ("CONSOLE_ENABLED", "true")],
+        )
+        .await;
+        let registry = prometheus::Registry::new();
+        let state = thena_producer::from_config(&fleet.config, &registry, Default::default())
+            .await
+            .expect("producer");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let producer = tokio::spawn(thena_producer::run(listener, state, stop.clone()));
+        Console {
+            fleet,
+            url,
+            stop,
+            producer,
+        }
+    }
+
+    fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    async fn sign_in(&self, browser: &Browser) {
+        browser.goto(&self.at("/console/sign-in")).await;
+        browser.fill("#token", TOKEN).await;
+        browser.click("button[type=submit]").await;
+        browser.wait_for_text("Sign out").await;
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.producer.await.unwrap().unwrap();
+        self.fleet.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_signs_in_connects_vitally_through_the_modal_and_turns_updates_off() {
+    let console = Console::start().await;
+    let browser = Browser::start().await;
+
+    // Signed out, every page leads to the sign-in form, which comes back after.
+    browser.goto(&console.at("/console/integrations")).await;
+    assert!(browser.path().await.starts_with("/console/sign-in?next="));
+    browser.screenshot("sign-in").await;
+    browser.fill("#token", "not-the-token").await;
+    browser.click("button[type=submit]").await;
+    assert_eq!(browser.text(".error").await, "That is not an admin token.");
+    browser.fill("#token", TOKEN).await;
+    browser.click("button[type=submit]").await;
+    browser.wait_for_text("No Vitally integration yet").await;
+    assert_eq!(browser.path().await, "/console/integrations");
+
+    // The product doc's modal: Add Integration → Connect (top right) → credentials.
+    browser.click_text("Add integration").await;
+    browser
+        .wait_for_text("Sync Thena requests to Vitally")
+        .await;
+    browser.screenshot("add-1-connect").await;
+    browser.click_text("Connect").await;
+    browser.fill("#workspace_id", "T-NEW").await;
+    browser
+        .fill("#api_url", &console.fleet.fake.base_url())
+        .await;
+    browser.fill("#auth_header", "Basic bm90LXRoZS1rZXk6").await;
+    browser.click_text("Continue").await;
+    let error = browser.text(".modal .error").await;
+    assert!(
+        error.starts_with("Vitally rejected this authentication header."),
+        "{error}"
+    );
+    // The header typed is never written back into the page.
+    assert!(
+        !browser
+            .client
+            .source()
+            .await
+            .unwrap()
+            .contains("bm90LXRoZS1rZXk6")
+    );
+    browser.screenshot("add-2-rejected-header").await;
+
+    browser
+        .fill("#auth_header", &console.fleet.fake.auth_header())
+        .await;
+    browser.click_text("Continue").await;
+    browser
+        .wait_for_text("accepted the header for workspace T-NEW")
+        .await;
+    let push = browser.find("input[name=push_requests]").await;
+    let update = browser.find("input[name=update_requests]").await;
+    assert!(push.prop("checked").await.unwrap().as_deref() == Some("true"));
+    assert!(update.prop("checked").await.unwrap().as_deref() == Some("true"));
+    browser.fill("#categories", "Product, Region").await;
+    browser.screenshot("add-3-settings").await;
+    browser.click_text("Finish").await;
+
+    let summary = browser.wait_for_text("Connected T-NEW to Vitally").await;
+    assert!(summary.contains("Created \"Thena Requests\""), "{summary}");
+    assert!(summary.contains("Region"), "{summary}");
+    let traits = browser.find_all_text("ul.traits li").await;
+    assert_eq!(
+        traits.len(),
+        22,
+        "20 product traits and 2 categories: {traits:?}"
+    );
+    browser.screenshot("add-4-summary").await;
+    let stored = console.fleet.store.get("T-NEW").await.unwrap().unwrap();
+    assert!(stored.push_requests && stored.update_requests);
+
+    // Edit the toggles: update-requests off.
+    browser.click_text("Done").await;
+    browser.wait_for_text("Settings").await;
+    browser.click("input[name=update_requests]").await;
+    browser.click_text("Save").await;
+    browser
+        .wait_for_text("Saved: update_requests: true → false")
+        .await;
+    let stored = console.fleet.store.get("T-NEW").await.unwrap().unwrap();
+    assert!(!stored.update_requests && stored.push_requests);
+    let history = console.fleet.store.history("T-NEW", 10).await.unwrap();
+    let last = history.last().unwrap();
+    assert_eq!(
+        (last.actor.as_str(), last.action.as_str()),
+        ("console", "settings_changed")
+    );
+    browser.screenshot("integration").await;
+
+    browser.close().await;
+    console.stop().await;
+}
+
+impl Browser {
+    async fn find_all_text(&self, css: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for element in self.client.find_all(Locator::Css(css)).await.unwrap() {
+            out.push(element.text().await.unwrap());
+        }
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_looks_up_a_skipped_request_and_sees_why() {
+    let mut console = Console::start().await;
+    console.fleet.connect(WS, |_| {}).await;
+    console.fleet.spawn_consumer().await;
+    // One request that syncs, one whose requestor writes from a free-mail address.
+    console
+        .fleet
+        .publish(&sample::event(WS, 501, 1, Some("alice@acme.com")))
+        .await;
+    console
+        .fleet
+        .publish(&sample::event(WS, 502, 1, Some("someone@gmail.com")))
+        .await;
+    console.fleet.wait_settled(2).await;
+
+    let browser = Browser::start().await;
+    console.sign_in(&browser).await;
+    let list = browser.wait_for_text("Last 24 h").await;
+    assert!(list.contains("1 synced · 1 skipped"), "{list}");
+    browser.screenshot("integrations").await;
+
+    browser.click_text("Requests").await;
+    browser.fill("#q", "someone@gmail.com").await;
+    browser.click_text("Look up").await;
+    browser.wait_for_text("1 request(s)").await;
+    browser.click_text("502").await;
+    let page = browser.wait_for_text("Timeline").await;
+    assert!(page.contains("skipped: free_mail_domain"), "{page}");
+    assert!(page.contains("never synced"), "{page}");
+    browser.screenshot("request").await;
+
+    browser.click_text("Explain").await;
+    let explained = browser.wait_for_text("→ no sync: free_mail_domain").await;
+    assert!(
+        explained.contains("domain fallback: gmail.com is a free-mail domain"),
+        "{explained}"
+    );
+    browser.screenshot("explain").await;
+
+    browser.click_text("Back to the request").await;
+    browser.click_text("Resync").await;
+    browser
+        .wait_for_text("Resent v1 through the pipeline")
+        .await;
+    // The resent snapshot came round again: a second outcome in the ledger.
+    wait_until(
+        "the resync's outcome in the ledger",
+        Duration::from_secs(20),
+        || async {
+            let record = thena_store::ledger::Ledger::read_only(console.fleet.store.db().clone())
+                .show(WS, 502, 50)
+                .await
+                .ok()??;
+            (record.history.len() >= 2).then_some(())
+        },
+    )
+    .await;
+
+    browser.close().await;
+    console.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_posted_without_its_csrf_token_is_refused() {
+    let console = Console::start().await;
+    console.fleet.connect(WS, |_| {}).await;
+    let browser = Browser::start().await;
+    console.sign_in(&browser).await;
+    browser
+        .goto(&console.at(&format!("/console/integrations/{WS}")))
+        .await;
+    browser.find("input[name=csrf]").await;
+    // A forged form: the same fields, without the session's token.
+    browser
+        .client
+        .execute(
+            "document.querySelectorAll('input[name=csrf]').forEach(e => e.remove());",
+            vec![],
+        )
+        .await
+        .unwrap();
+    browser.click("input[name=update_requests]").await;
+    browser.click_text("Save").await;
+    let refused = browser.wait_for_text("This form was refused").await;
+    assert!(refused.contains("CSRF"), "{refused}");
+    browser.screenshot("csrf-refused").await;
+    let stored = console.fleet.store.get(WS).await.unwrap().unwrap();
+    assert!(stored.update_requests, "the refused form changed nothing");
+
+    // Without a session at all, a post goes to the sign-in page and changes nothing.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let answer = http
+        .post(console.at(&format!("/console/integrations/{WS}/settings")))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("push_requests=true")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 303);
+    assert_eq!(
+        answer.headers()["location"].to_str().unwrap(),
+        "/console/sign-in?next=%2Fconsole"
+    );
+    let stored = console.fleet.store.get(WS).await.unwrap().unwrap();
+    assert!(stored.update_requests, "an anonymous post changed nothing");
+
+    browser.close().await;
+    console.stop().await;
+}

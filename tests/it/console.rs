@@ -193,6 +193,9 @@ async fn an_operator_looks_up_a_skipped_request_and_sees_why() {
     let list = browser.wait_for_text("Last 24 h").await;
     assert!(list.contains("1 synced · 1 skipped"), "{list}");
     browser.screenshot("integrations").await;
+    browser.client.set_window_size(390, 844).await.unwrap();
+    browser.screenshot("integrations-phone").await;
+    browser.client.set_window_size(1280, 1000).await.unwrap();
 
     browser.click_text("Requests").await;
     browser.fill("#q", "someone@gmail.com").await;
@@ -283,5 +286,141 @@ async fn a_form_posted_without_its_csrf_token_is_refused() {
     assert!(stored.update_requests, "an anonymous post changed nothing");
 
     browser.close().await;
+    console.stop().await;
+}
+
+/// The console over plain HTTP, as a script would use it.
+struct Http {
+    client: reqwest::Client,
+    base: String,
+    cookie: String,
+}
+
+impl Http {
+    async fn sign_in(console: &Console) -> Http {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let answer = client
+            .post(console.at("/console/sign-in"))
+            .header("accept", "application/json")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        let set = answer.headers()["set-cookie"].to_str().unwrap().to_owned();
+        assert!(
+            set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+            "{set}"
+        );
+        let body = answer.text().await.unwrap();
+        assert!(!body.contains(TOKEN) && !set.contains(TOKEN));
+        Http {
+            client,
+            base: console.url.clone(),
+            cookie: set.split(';').next().unwrap().to_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str, accept: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn json(&self, path: &str) -> serde_json::Value {
+        let answer = self.get(path, "application/json").await;
+        assert_eq!(answer.status(), 200, "{path}");
+        answer.json().await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_answers_json_and_signing_out_ends_the_session() {
+    let mut console = Console::start().await;
+    console.fleet.connect(WS, |_| {}).await;
+    console.fleet.spawn_consumer().await;
+    console
+        .fleet
+        .publish(&sample::event(WS, 601, 1, Some("alice@acme.com")))
+        .await;
+    console.fleet.wait_settled(1).await;
+    let http = Http::sign_in(&console).await;
+
+    let list = http.json("/console/integrations").await;
+    let card = &list["integrations"][0];
+    assert_eq!(card["integration"]["workspace_id"], WS);
+    assert_eq!(card["integration"]["auth_header"], "Basic <redacted>");
+    assert_eq!(card["activity"]["totals"]["synced"], 1);
+    assert_eq!(card["activity"]["hours"].as_array().unwrap().len(), 24);
+    assert!(card["last_synced_at"].is_string());
+    let calls = card["usage"]["this_minute"].as_u64().unwrap()
+        + card["usage"]["last_minute"].as_u64().unwrap();
+    assert!(
+        calls >= 1,
+        "the sync's Vitally calls count against the budget: {card}"
+    );
+    let detail = http.json(&format!("/console/integrations/{WS}")).await;
+    assert_eq!(detail["history"][0]["action"], "connected");
+    let found = http.json("/console/requests?q=alice%40acme.com").await;
+    assert_eq!(found["requests"][0]["request_id"], 601);
+    let request = http.json(&format!("/console/requests/{WS}/601")).await;
+    assert_eq!(request["outcome"], "synced");
+    assert!(
+        request["vitally_instance_url"]
+            .as_str()
+            .unwrap()
+            .contains("externalId=thena%3AT-ACME%3A601")
+    );
+    let explained = http
+        .json(&format!("/console/requests/{WS}/601/explain"))
+        .await;
+    assert!(
+        explained["verdict"]
+            .as_str()
+            .unwrap()
+            .starts_with("would update instance")
+    );
+
+    // A page names its admin API twin, and carries the console's policy.
+    let page = http
+        .get(&format!("/console/integrations/{WS}"), "text/html")
+        .await;
+    assert_eq!(
+        page.headers()["link"],
+        format!("</v1/integrations/{WS}>; rel=\"alternate\"; type=\"application/json\"")
+    );
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    let html = page.text().await.unwrap();
+    assert!(!html.contains(TOKEN) && !html.contains("ZmFrZS1zZWNyZXQta2V5"));
+
+    // Signing out ends the session on the server, not only in the browser.
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let out = http
+        .client
+        .post(format!("{}/console/sign-out", http.base))
+        .header("cookie", &http.cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("csrf={csrf}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 303);
+    let after = http.get("/console/integrations", "application/json").await;
+    assert_eq!(after.status(), 401);
+
     console.stop().await;
 }

@@ -7,10 +7,11 @@ use thena_store::ledger::hourly::HourBar;
 
 use super::views::millis;
 
-const WIDTH: f64 = 480.0;
-const HEIGHT: f64 = 120.0;
-const LEFT: f64 = 30.0;
-const RIGHT: f64 = 34.0;
+// About the size it is drawn in a list card, so its text reads at ~10 px.
+const WIDTH: f64 = 320.0;
+const HEIGHT: f64 = 110.0;
+const LEFT: f64 = 26.0;
+const RIGHT: f64 = 32.0;
 const TOP: f64 = 8.0;
 const BOTTOM: f64 = 16.0;
 /// The age axis: 100 ms at the bottom, 1 h at the top.
@@ -58,7 +59,7 @@ pub(crate) fn hourly(hours: &[HourBar]) -> Markup {
             text x=(WIDTH - RIGHT + 3.0) y=(TOP + plot_h - age_y(60_000.0) * plot_h + 3.0) { "1 min" }
             @if let (Some(first), Some(last)) = (hours.first(), hours.last()) {
                 text x=(LEFT) y=(HEIGHT - 3.0) { (first.hour.format("%H:%M")) }
-                text x=(WIDTH - RIGHT - 40.0) y=(HEIGHT - 3.0) { (last.hour.format("%H:%M")) " UTC" }
+                text x=(WIDTH - RIGHT) y=(HEIGHT - 3.0) text-anchor="end" { (last.hour.format("%H:%M")) " UTC" }
             }
             @for (i, h) in hours.iter().enumerate() {
                 @let x = LEFT + slot * i as f64 + slot * 0.1;

@@ -240,9 +240,10 @@ fn budget(card: &Card) -> Markup {
     let Some(usage) = card.usage else {
         return html! { span.muted { "unknown (Redis did not answer) · budget " (per_min) "/min" } };
     };
-    let share = (usage.last_minute as f64 / per_min.max(1) as f64).min(1.0);
+    let busiest = usage.last_minute.max(usage.this_minute);
+    let share = (busiest as f64 / per_min.max(1) as f64).min(1.0);
     html! {
-        (usage.last_minute) " of " (per_min) " calls in the last minute"
+        (usage.this_minute) " calls this minute, " (usage.last_minute) " the minute before, of " (per_min) "/min"
         @if let Some(paused) = usage.paused_for {
             br; span.tag.warn { "paused by Vitally (429) for " (millis(paused.as_millis() as u64)) }
         }

@@ -71,7 +71,7 @@ pub(crate) async fn cards(
     operator: &Operator,
     only: Option<&str>,
 ) -> Result<Vec<Card>, Response> {
-    let console = console(state)?;
+    let console = console(state).map_err(IntoResponse::into_response)?;
     let store = state.integrations();
     let views = store
         .views()
@@ -295,7 +295,7 @@ async fn render_show(
     status: StatusCode,
 ) -> Response {
     if let Err(response) = operator.check_sees(workspace) {
-        return response;
+        return response.into_response();
     }
     let mut cards = match cards(state, operator, Some(workspace)).await {
         Ok(cards) => cards,
@@ -474,7 +474,7 @@ pub(crate) async fn change_settings(
 ) -> Response {
     let Posted { operator, form } = posted;
     if let Err(response) = operator.check_sees(&workspace) {
-        return response;
+        return response.into_response();
     }
     let toggles = Toggles {
         push_requests: Some(form.push_requests),
@@ -521,7 +521,7 @@ fn confirm_page(
     status: StatusCode,
 ) -> Response {
     if let Err(response) = operator.check_sees(workspace) {
-        return response;
+        return response.into_response();
     }
     let body = html! {
         div.card {
@@ -567,7 +567,7 @@ pub(crate) async fn disconnect(
         );
     }
     if let Err(response) = operator.check_sees(&workspace) {
-        return response;
+        return response.into_response();
     }
     match provision::disconnect(state.integrations(), &workspace, &operator.actor()).await {
         Ok(true) => {

@@ -212,7 +212,7 @@ pub(crate) async fn show(
     Query(query): Query<ShowQuery>,
 ) -> Response {
     if let Err(response) = operator.check_sees(&workspace) {
-        return response;
+        return response.into_response();
     }
     let (record, integration) = tokio::join!(
         state.ledger().show(&workspace, request_id, 50),
@@ -372,11 +372,11 @@ pub(crate) async fn explain(
     Path((workspace, request_id)): Path<(String, u64)>,
 ) -> Response {
     if let Err(response) = operator.check_sees(&workspace) {
-        return response;
+        return response.into_response();
     }
     let console = match console(&state) {
         Ok(console) => console,
-        Err(response) => return response,
+        Err(response) => return response.into_response(),
     };
     let result = explain_request(
         state.ledger(),
@@ -450,11 +450,11 @@ pub(crate) async fn resync(
 ) -> Response {
     let Posted { operator, .. } = posted;
     if let Err(response) = operator.check_sees(&workspace) {
-        return response;
+        return response.into_response();
     }
     let console = match console(&state) {
         Ok(console) => console,
-        Err(response) => return response,
+        Err(response) => return response.into_response(),
     };
     let mut redis = console.redis.clone();
     if let Err(e) =

@@ -103,7 +103,7 @@ pub(crate) async fn sign_in(
 ) -> Response {
     let console = match console(&state) {
         Ok(console) => console,
-        Err(response) => return response,
+        Err(response) => return response.into_response(),
     };
     let next = safe_next(form.next.as_deref()).to_owned();
     if !same_origin(&headers) {

@@ -195,7 +195,7 @@ pub(crate) async fn check_credentials(
     let Posted { operator, form } = posted;
     let workspace = form.workspace_id.trim().to_owned();
     if let Err(response) = operator.check_sees(&workspace) {
-        return response;
+        return response.into_response();
     }
     let checked = provision::check(
         state.vitally(),
@@ -331,7 +331,7 @@ pub(crate) async fn connect(
         return draft_expired(&state, &operator).await;
     };
     if let Err(response) = operator.check_sees(&draft.workspace_id) {
-        return response;
+        return response.into_response();
     }
     let request = ConnectRequest {
         workspace_id: draft.workspace_id.clone(),
@@ -388,7 +388,7 @@ pub(crate) async fn summary(
     Path(workspace): Path<String>,
 ) -> Response {
     if let Err(response) = operator.check_sees(&workspace) {
-        return response;
+        return response.into_response();
     }
     let store = state.integrations();
     let (integration, history) =

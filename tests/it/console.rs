@@ -424,3 +424,124 @@ async fn every_page_answers_json_and_signing_out_ends_the_session() {
 
     console.stop().await;
 }
+
+/// `demo --serve` as a child process, stopped with Ctrl-C (SIGINT) even when the test
+/// fails, so it never outlives the test.
+struct ServingDemo(std::process::Child);
+
+impl ServingDemo {
+    fn interrupt(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for ServingDemo {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            self.interrupt();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serve_prints_the_console_url_and_how_to_sign_in() {
+    use std::{
+        io::{BufRead, BufReader},
+        process::{Command, Stdio},
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut demo = ServingDemo(
+        Command::new(env!("CARGO_BIN_EXE_thena-vitally"))
+            .args(["demo", "--serve"])
+            .env_clear()
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run the demo"),
+    );
+    let (lines, read) = std::sync::mpsc::channel();
+    let stdout = demo.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let line = wait_until(
+        "the demo prints the console's URL",
+        Duration::from_secs(90),
+        || {
+            let line = read
+                .try_iter()
+                .find(|l| l.trim_start().starts_with("console"));
+            async move { line }
+        },
+    )
+    .await;
+    // "console   http://127.0.0.1:PORT/console  (sign in with the demo's admin token T)"
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("a URL")
+        .to_owned();
+    let token = line
+        .trim_end_matches(')')
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        line.contains("sign in with the demo's admin token"),
+        "{line}"
+    );
+
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed_in = http
+        .post(format!("{url}/sign-in"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303, "{line}");
+    let cookie = signed_in.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let page = http
+        .get(format!("{url}/integrations"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("T0DEMO"), "{page}");
+
+    // Ctrl-C: the demo stops serving and removes what it created.
+    demo.interrupt();
+    let stopped = wait_until(
+        "the demo exits after Ctrl-C",
+        Duration::from_secs(30),
+        || {
+            let status = demo.0.try_wait().ok().flatten();
+            async move { status }
+        },
+    )
+    .await;
+    assert!(stopped.success(), "{stopped:?}");
+}

@@ -389,6 +389,34 @@ async fn every_page_answers_json_and_signing_out_ends_the_session() {
             .starts_with("would update instance")
     );
 
+    // A paused integration says so, and why.
+    console
+        .fleet
+        .store
+        .set_health(
+            WS,
+            None,
+            vitally_client::integrations::Health::AuthRejected,
+            Some("Vitally answered 401 to the stored key"),
+            "test",
+        )
+        .await
+        .unwrap();
+    let list = http.json("/console/integrations").await;
+    let paused = &list["integrations"][0]["integration"];
+    assert_eq!(paused["health"], "paused: auth_rejected");
+    assert_eq!(
+        paused["health_detail"],
+        "Vitally answered 401 to the stored key"
+    );
+    let page = http
+        .get("/console/integrations", "text/html")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("paused: auth_rejected") && page.contains("answered 401"));
+
     // A page names its admin API twin, and carries the console's policy.
     let page = http
         .get(&format!("/console/integrations/{WS}"), "text/html")

@@ -57,10 +57,8 @@ pub(crate) fn hourly(hours: &[HourBar]) -> Markup {
             text x=(WIDTH - RIGHT + 3.0) y=(TOP + 8.0) { "1 h" }
             text x=(WIDTH - RIGHT + 3.0) y=(TOP + plot_h - age_y(1_000.0) * plot_h + 3.0) { "1 s" }
             text x=(WIDTH - RIGHT + 3.0) y=(TOP + plot_h - age_y(60_000.0) * plot_h + 3.0) { "1 min" }
-            @if let (Some(first), Some(last)) = (hours.first(), hours.last()) {
-                text x=(LEFT) y=(HEIGHT - 3.0) { (first.hour.format("%H:%M")) }
-                text x=(WIDTH - RIGHT) y=(HEIGHT - 3.0) text-anchor="end" { (last.hour.format("%H:%M")) " UTC" }
-            }
+            text x=(LEFT) y=(HEIGHT - 3.0) { (hours.len()) " h ago" }
+            text x=(WIDTH - RIGHT) y=(HEIGHT - 3.0) text-anchor="end" { "now" }
             @for (i, h) in hours.iter().enumerate() {
                 @let x = LEFT + slot * i as f64 + slot * 0.1;
                 @let w = slot * 0.8;

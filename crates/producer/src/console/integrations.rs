@@ -243,7 +243,8 @@ fn budget(card: &Card) -> Markup {
     let busiest = usage.last_minute.max(usage.this_minute);
     let share = (busiest as f64 / per_min.max(1) as f64).min(1.0);
     html! {
-        (usage.this_minute) " calls this minute, " (usage.last_minute) " the minute before, of " (per_min) "/min"
+        (usage.this_minute) " calls this minute · " (usage.last_minute) " last minute "
+        span.muted { "(budget " (per_min) "/min)" }
         @if let Some(paused) = usage.paused_for {
             br; span.tag.warn { "paused by Vitally (429) for " (millis(paused.as_millis() as u64)) }
         }

@@ -271,7 +271,7 @@ fn settings_form(operator: &Operator, draft: &Draft, error: Option<&str>) -> Mar
             (toggles(true, true, false, false))
             label for="categories" { "Custom categories (comma-separated)" }
             input #categories type="text" name="categories" placeholder="Product, Region";
-            p.small.muted { "Each becomes a String trait named like the category, next to the product's 21 traits." }
+            p.small.muted { "Each becomes a String trait named like the category, next to the integration's own traits." }
             div.actions {
                 button.primary type="submit" { "Finish" }
                 a href="/console/integrations/new/credentials" { "Back" }

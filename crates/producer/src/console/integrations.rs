@@ -453,18 +453,22 @@ fn short(value: &Value) -> String {
     }
 }
 
-/// The settings form: unchecked boxes are not sent, so absent means off.
+/// What the settings forms send (an integration's page, and the setup's last step with
+/// its categories): unchecked boxes are not sent, so absent means off.
 #[derive(Debug, Deserialize)]
 pub(crate) struct SettingsForm {
     #[serde(default)]
-    push_requests: bool,
+    pub push_requests: bool,
     #[serde(default)]
-    update_requests: bool,
+    pub update_requests: bool,
     #[serde(default)]
-    sync_threads: bool,
+    pub sync_threads: bool,
     #[serde(default)]
-    auto_create_fields: bool,
-    rate_budget_per_min: Option<u32>,
+    pub auto_create_fields: bool,
+    pub rate_budget_per_min: Option<u32>,
+    /// Comma-separated custom categories (the setup only).
+    #[serde(default)]
+    pub categories: String,
 }
 
 pub(crate) async fn change_settings(

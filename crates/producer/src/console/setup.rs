@@ -24,7 +24,7 @@ use vitally_client::{
 
 use super::{
     Operator, Posted,
-    integrations::{List, cards, list_page, toggles},
+    integrations::{List, SettingsForm, cards, list_page, toggles},
     not_found, respond,
     session::{cookie_named, set_cookie},
     views,
@@ -306,20 +306,6 @@ pub(crate) async fn settings_step(
     }
 }
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct SettingsForm {
-    #[serde(default)]
-    push_requests: bool,
-    #[serde(default)]
-    update_requests: bool,
-    #[serde(default)]
-    sync_threads: bool,
-    #[serde(default)]
-    auto_create_fields: bool,
-    #[serde(default)]
-    categories: String,
-}
-
 /// Finish: connect with the checked credentials and the chosen settings.
 pub(crate) async fn connect(
     State(state): State<AppState>,
@@ -347,7 +333,9 @@ pub(crate) async fn connect(
         update_requests: form.update_requests,
         sync_threads: form.sync_threads,
         auto_create_fields: form.auto_create_fields,
-        rate_budget_per_min: state.config().default_budget_per_min,
+        rate_budget_per_min: form
+            .rate_budget_per_min
+            .unwrap_or(state.config().default_budget_per_min),
         established_at: None,
     };
     let actor = operator.actor();

@@ -575,3 +575,87 @@ async fn demo_serve_prints_the_console_url_and_how_to_sign_in() {
     .await;
     assert!(stopped.success(), "{stopped:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_replays_a_parked_message_after_the_fix_and_sees_it_synced() {
+    use fake_vitally::{Fault, FaultKind};
+    let mut console = Console::start().await;
+    console.fleet.connect(WS, |_| {}).await;
+    // Vitally refuses the instance once with a 400 that no retry can fix: parked.
+    console.fleet.fake.inject(Fault::NextN {
+        method: Some("POST".into()),
+        path_prefix: "/resources/customObjects".into(),
+        count: 1,
+        kind: FaultKind::Status(400),
+    });
+    console.fleet.spawn_consumer().await;
+    console.fleet.spawn_replayer().await;
+    console
+        .fleet
+        .publish(&sample::event(WS, 701, 1, Some("alice@acme.com")))
+        .await;
+    wait_until(
+        "the message in the parked set",
+        Duration::from_secs(20),
+        || async { (console.fleet.parked().await == 1).then_some(()) },
+    )
+    .await;
+
+    let browser = Browser::start().await;
+    console.sign_in(&browser).await;
+    browser.click_text("Dead letters").await;
+    let list = browser.wait_for_text("vitally_400").await;
+    assert!(list.contains(WS) && list.contains("701"), "{list}");
+    browser.screenshot("dead-letters").await;
+
+    // Everything matching, previewed first: nothing is sent.
+    browser.click_text("Preview replay").await;
+    browser
+        .wait_for_text("1 message(s) would be replayed")
+        .await;
+    assert_eq!(console.fleet.parked().await, 1, "a preview sends nothing");
+    browser.screenshot("dead-letters-preview").await;
+
+    // The fault answered once: Vitally is fixed. Replay the one message.
+    browser.goto(&console.at("/console/dead-letters")).await;
+    let id = browser.find("table td a").await.text().await.unwrap();
+    browser.click_text(&id).await;
+    browser.wait_for_text("Replay this message").await;
+    browser.screenshot("dead-letter").await;
+    browser.fill("#why", "INC-1 Vitally fixed").await;
+    browser.click_text("Replay").await;
+    browser.wait_for_text("replay #").await;
+    wait_until("the replay finished", Duration::from_secs(20), || async {
+        browser.client.refresh().await.ok()?;
+        let status = browser.client.find(Locator::Css("p.notice")).await.ok()?;
+        status.text().await.ok()?.starts_with("Finished: 1 of 1 done").then_some(())
+    })
+    .await;
+    browser.screenshot("dead-letters-replayed").await;
+
+    // The request's page says it synced.
+    browser
+        .goto(&console.at(&format!("/console/requests/{WS}/701")))
+        .await;
+    wait_until(
+        "the replayed request synced",
+        Duration::from_secs(20),
+        || async {
+            browser.client.refresh().await.ok()?;
+            let body = browser.client.find(Locator::Css("dl.figures")).await.ok()?;
+            body.text()
+                .await
+                .ok()?
+                .contains("synced: created")
+                .then_some(())
+        },
+    )
+    .await;
+    let page = browser.wait_for_text("Timeline").await;
+    assert!(page.contains("parked: vitally_400"), "{page}");
+    browser.screenshot("request-replayed").await;
+    assert_eq!(console.fleet.instances_for(WS, 701).len(), 1);
+
+    browser.close().await;
+    console.stop().await;
+}

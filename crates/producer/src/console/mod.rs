@@ -10,6 +10,7 @@
 //! the token is never in a URL, a page or a log.
 
 mod chart;
+mod dead_letters;
 mod integrations;
 mod requests;
 mod session;
@@ -137,7 +138,19 @@ pub fn router() -> Router<AppState> {
         .route(
             "/console/requests/{workspace}/{request_id}/resync",
             post(requests::resync),
-        );
+        )
+        .route("/console/dead-letters", get(dead_letters::list))
+        .route("/console/dead-letters/replay", post(dead_letters::replay))
+        .route(
+            "/console/dead-letters/purge",
+            get(dead_letters::purge_page).post(dead_letters::purge),
+        )
+        .route("/console/dead-letters/audit", get(dead_letters::audit))
+        .route(
+            "/console/dead-letters/audit/{id}",
+            get(dead_letters::audit_entry),
+        )
+        .route("/console/dead-letters/{id}", get(dead_letters::show));
     pages.layer(middleware::from_fn(security_headers))
 }
 

@@ -27,6 +27,7 @@ pub(crate) async fn stylesheet() -> Response {
 pub(crate) enum Section {
     Integrations,
     Requests,
+    DeadLetters,
 }
 
 /// A page without navigation (sign-in, errors).
@@ -60,6 +61,7 @@ pub(crate) fn page(operator: &Operator, section: Section, title: &str, body: Mar
                 nav {
                     (tab(Section::Integrations, "/console/integrations", "Integrations"))
                     (tab(Section::Requests, "/console/requests", "Requests"))
+                    (tab(Section::DeadLetters, "/console/dead-letters", "Dead letters"))
                 }
                 form.signout method="post" action="/console/sign-out" {
                     (csrf_field(operator))

@@ -36,6 +36,15 @@ async fn main() {
     let started = Instant::now();
     fill_ledger(&fleet).await;
     park(&fleet).await;
+    // The replayer drains the parked queue into the parked set (PostgreSQL).
+    let mut fleet = fleet;
+    fleet.spawn_replayer().await;
+    thena_testkit::wait_until(
+        "every parked message in the parked set",
+        Duration::from_secs(300),
+        || async { (fleet.parked().await >= PARKED as u64).then_some(()) },
+    )
+    .await;
     println!(
         "filled: {REQUESTS} requests ({} outcomes), {PARKED} parked messages in {:.1} s",
         REQUESTS * OUTCOMES_PER_REQUEST,
@@ -88,6 +97,26 @@ async fn main() {
             "request",
             format!("/console/requests/{ws}/{id}"),
             format!("/v1/integrations/{ws}/requests/{id}"),
+        ),
+        (
+            "dead letters",
+            "/console/dead-letters".into(),
+            "/v1/dead-letters?limit=50".into(),
+        ),
+        (
+            "dead letters, filtered",
+            format!("/console/dead-letters?workspace={ws}&reason=vitally_400&older_than=1s"),
+            format!("/v1/dead-letters?workspace={ws}&reason=vitally_400&older_than=1s&limit=50"),
+        ),
+        (
+            "dead letter",
+            "/console/dead-letters/2500".into(),
+            "/v1/dead-letters/2500".into(),
+        ),
+        (
+            "purge confirmation",
+            format!("/console/dead-letters/purge?workspace={ws}"),
+            format!("/v1/dead-letters?workspace={ws}&limit=50"),
         ),
     ];
     let mut console_ms: Vec<Vec<f64>> = vec![Vec::new(); pages.len()];

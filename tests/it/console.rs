@@ -628,7 +628,12 @@ async fn an_operator_replays_a_parked_message_after_the_fix_and_sees_it_synced()
     wait_until("the replay finished", Duration::from_secs(20), || async {
         browser.client.refresh().await.ok()?;
         let status = browser.client.find(Locator::Css("p.notice")).await.ok()?;
-        status.text().await.ok()?.starts_with("Finished: 1 of 1 done").then_some(())
+        status
+            .text()
+            .await
+            .ok()?
+            .starts_with("Finished: 1 of 1 done")
+            .then_some(())
     })
     .await;
     browser.screenshot("dead-letters-replayed").await;
@@ -657,5 +662,82 @@ async fn an_operator_replays_a_parked_message_after_the_fix_and_sees_it_synced()
     assert_eq!(console.fleet.instances_for(WS, 701).len(), 1);
 
     browser.close().await;
+    console.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_needs_the_count_typed_and_lands_in_the_audit_trail() {
+    use fake_vitally::{Fault, FaultKind};
+    let mut console = Console::start().await;
+    console.fleet.connect(WS, |_| {}).await;
+    console.fleet.fake.inject(Fault::NextN {
+        method: Some("POST".into()),
+        path_prefix: "/resources/customObjects".into(),
+        count: 2,
+        kind: FaultKind::Status(400),
+    });
+    console.fleet.spawn_consumer().await;
+    console.fleet.spawn_replayer().await;
+    for id in [801, 802] {
+        console
+            .fleet
+            .publish(&sample::event(WS, id, 1, Some("alice@acme.com")))
+            .await;
+    }
+    wait_until(
+        "two messages in the parked set",
+        Duration::from_secs(20),
+        || async { (console.fleet.parked().await == 2).then_some(()) },
+    )
+    .await;
+    let http = Http::sign_in(&console).await;
+    let page = http
+        .get(
+            "/console/dead-letters/purge?reason=vitally_400",
+            "text/html",
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Purge 2 parked message(s)?"), "{page}");
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let purge = |confirm: &'static str| {
+        http.client
+            .post(format!("{}/console/dead-letters/purge", http.base))
+            .header("cookie", &http.cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "csrf={csrf}&reason=vitally_400&why=INC-2&confirm={}",
+                confirm.replace(' ', "+")
+            ))
+            .send()
+    };
+    let refused = purge("purge 3").await.unwrap().text().await.unwrap();
+    assert!(refused.contains("Type exactly"), "{refused}");
+    assert_eq!(
+        console.fleet.parked().await,
+        2,
+        "a wrong count purges nothing"
+    );
+
+    let purged = purge("purge 2").await.unwrap();
+    assert_eq!(purged.status(), 303);
+    assert!(
+        purged.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/console/dead-letters/audit/")
+    );
+    assert_eq!(console.fleet.parked().await, 0);
+    let audit = http.json("/console/dead-letters/audit").await;
+    assert_eq!(audit["audit"][0]["action"], "purge");
+    assert_eq!(audit["audit"][0]["done"], 2);
+    assert_eq!(audit["audit"][0]["actor"], "console");
     console.stop().await;
 }

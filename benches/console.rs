@@ -259,6 +259,7 @@ async fn fill_ledger(fleet: &Fleet) {
                             link: None,
                             instance_id: Some(format!("inst-{}", event.request.id)),
                             failed_attempt: false,
+                            backfill_job: None,
                             age,
                         })
                         .await

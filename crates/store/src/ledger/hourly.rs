@@ -345,6 +345,7 @@ mod tests {
             link: None,
             instance_id: None,
             failed_attempt: false,
+            backfill_job: None,
             age: age.map(Duration::from_millis),
         };
         let entries = [

@@ -205,15 +205,7 @@ async fn explain(
     request_id: u64,
     json: bool,
 ) -> anyhow::Result<()> {
-    let Some((_, snapshot)) = ledger.latest_snapshot(workspace, request_id).await? else {
-        anyhow::bail!("request {request_id} of workspace {workspace} never reached the fleet");
-    };
-    let event = thena_events::decode_event(&serde_json::to_vec(&snapshot)?)
-        .context("the stored snapshot")?;
     let store = vitally_client::integrations::IntegrationStore::from_config(config).await?;
-    let Some(integration) = store.get(workspace).await? else {
-        anyhow::bail!("workspace {workspace} is not connected");
-    };
     let http = vitally_client::client::VitallyHttp::from_settings(
         &config.vitally,
         vitally_client::metrics::VitallyMetrics::unregistered(),
@@ -221,10 +213,12 @@ async fn explain(
     let options = vitally_client::mapping::MappingOptions {
         textarea_limit: config.vitally.textarea_limit,
     };
-    let explanation = thena_sync::explain::explain(
-        &integration.client(&http),
-        &integration,
-        &event,
+    let (version, explanation) = thena_sync::explain::explain_request(
+        ledger,
+        &store,
+        &http,
+        workspace,
+        request_id,
         &config.free_mail_domains,
         &options,
     )
@@ -234,8 +228,7 @@ async fn explain(
         return Ok(());
     }
     println!(
-        "request {request_id} v{} of workspace {workspace}, explained against Vitally now:",
-        event.request.version
+        "request {request_id} v{version} of workspace {workspace}, explained against Vitally now:"
     );
     for (n, step) in explanation.steps.iter().enumerate() {
         println!("  {}. {step}", n + 1);
@@ -248,12 +241,12 @@ async fn resync(
     config: &Config,
     ledger: &Ledger,
     workspace: &str,
-    mut filter: Filter,
+    filter: Filter,
     dry_run: bool,
     rate: f64,
     actor: &str,
 ) -> anyhow::Result<()> {
-    if !(rate > 0.0 && rate <= 1000.0) {
+    if !(rate > 0.0 && rate <= thena_sync::resync::MAX_RATE) {
         anyhow::bail!("--rate must be between 0 and 1000 per second, got {rate}");
     }
     let broker = if dry_run {
@@ -274,45 +267,34 @@ async fn resync(
         None => None,
     };
     if !dry_run {
-        // The fix was made in Vitally: forget what this workspace's lookups cached.
         let mut redis = thena_runtime::redis::connect(&config.redis_url)
             .await
             .context("cannot connect to Redis (REDIS_URL)")?;
-        let pattern = format!("{}:cache:*:{workspace}:*", config.redis_prefix);
-        let cleared = thena_runtime::redis::delete_matching(&mut redis, &pattern).await?;
+        let cleared =
+            thena_sync::resync::clear_cached_lookups(&mut redis, &config.redis_prefix, workspace)
+                .await?;
         println!("cleared {cleared} cached lookup(s) of {workspace}");
     }
-    let pause = Duration::from_secs_f64(1.0 / rate);
-    let mut sent = 0u64;
-    loop {
-        let page = ledger.list(workspace, &filter, 200).await?;
-        for record in &page.requests {
-            let Some((_, snapshot)) = ledger.latest_snapshot(workspace, record.request_id).await?
-            else {
-                continue;
-            };
-            let event = thena_events::decode_event(&serde_json::to_vec(&snapshot)?)
-                .with_context(|| format!("request {}: stored snapshot", record.request_id))?;
-            match &publisher {
-                Some(publisher) => {
-                    publisher.publish_event(&event).await?;
-                    eprint!("\rresent {}", sent + 1);
-                    tokio::time::sleep(pause).await;
-                }
-                None => println!(
+    let mut progress = 0u64;
+    let sent = thena_sync::resync::resync(
+        ledger,
+        publisher.as_ref(),
+        workspace,
+        filter,
+        rate,
+        |resent| {
+            if dry_run {
+                println!(
                     "would resend request {} v{} ({})",
-                    record.request_id,
-                    event.request.version,
-                    outcome(record)
-                ),
+                    resent.request_id, resent.version, resent.outcome
+                );
+            } else {
+                progress += 1;
+                eprint!("\rresent {progress}");
             }
-            sent += 1;
-        }
-        match page.next {
-            Some(next) => filter.after = Some(next),
-            None => break,
-        }
-    }
+        },
+    )
+    .await?;
     if dry_run {
         println!("{sent} request(s) would be resent");
     } else {
@@ -335,11 +317,7 @@ fn when(at: DateTime<Utc>) -> String {
 }
 
 fn outcome(r: &RequestRecord) -> String {
-    match (&r.outcome, &r.reason) {
-        (Some(outcome), Some(reason)) => format!("{outcome}: {reason}"),
-        (Some(outcome), None) => outcome.clone(),
-        (None, _) => "—".to_owned(),
-    }
+    thena_sync::resync::outcome_text(r.outcome.as_deref(), r.reason.as_deref())
 }
 
 /// The text form of `requests show`.
@@ -366,22 +344,10 @@ fn render(r: &RequestRecord) -> String {
             r.outcome_at.map_or("—".to_owned(), when)
         ),
     );
-    let link = r.link.as_ref().map_or("—".to_owned(), |link| {
-        let rule = link["rule"].as_str().unwrap_or("?");
-        match link["no_sync"].as_str() {
-            Some(reason) => format!("{rule} → no sync: {reason}"),
-            None => format!(
-                "{rule} → organization {}, account {}{}",
-                link["organization_id"].as_str().unwrap_or("—"),
-                link["account_id"].as_str().unwrap_or("—"),
-                if link["user_created"] == true {
-                    " (user created)"
-                } else {
-                    ""
-                }
-            ),
-        }
-    });
+    let link = r
+        .link
+        .as_ref()
+        .map_or("—".to_owned(), thena_sync::explain::describe_link);
     line(&mut out, "linking", link);
     line(
         &mut out,

@@ -127,7 +127,23 @@ pub async fn producer(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("cannot listen on HTTP_ADDR={}", config.http_addr))?;
+    let console = match state.console_addr() {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on CONSOLE_ADDR={addr}"))?;
+            Some(tokio::spawn(thena_producer::run_console(
+                listener,
+                state.clone(),
+                role.shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     thena_producer::run(listener, state, role.shutdown).await?;
+    if let Some(console) = console {
+        console.await??;
+    }
     Ok(())
 }
 

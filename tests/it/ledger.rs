@@ -348,6 +348,7 @@ async fn explain_narrates_each_step_against_live_vitally_and_writes_nothing() {
                 instance_id: None,
                 failed_attempt: false,
                 backfill_job: None,
+                age: None,
             })
             .await
             .unwrap();

@@ -2,10 +2,12 @@
 //! project's fake Vitally over real HTTP, consumers built as the binary builds them.
 
 mod backfill;
+mod browser;
 mod channels;
 mod chaos;
 mod cli;
 mod config_cli;
+mod console;
 mod consumer;
 mod control;
 mod delivery;

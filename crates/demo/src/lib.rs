@@ -70,9 +70,13 @@ pub async fn run(base: &Config, options: &DemoOptions) -> anyhow::Result<DemoRep
     let started = tokio::time::Instant::now();
     let random = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let run_id = options.run_id.as_deref().unwrap_or(&random);
-    let config = demo_config(base, run_id)?;
+    let mut config = demo_config(base, run_id)?;
+    // Serving: the operator console too, on the API's port.
+    config.console.enabled = options.serve;
+    config.console.addr = None;
     let shutdown = CancellationToken::new();
-    let result = run_in(&config, options, &shutdown, started).await;
+    let sign_in = sign_in_hint(base, &config);
+    let result = run_in(&config, options, &shutdown, started, &sign_in).await;
     if result.is_err() {
         // Whatever failed (Redis down, a consumer that could not start, a request that
         // never settled): the run's queues, exchanges, keys and schema still go.
@@ -87,6 +91,7 @@ async fn run_in(
     options: &DemoOptions,
     shutdown: &CancellationToken,
     started: tokio::time::Instant,
+    sign_in: &str,
 ) -> anyhow::Result<DemoReport> {
     let mut config = config.clone();
     let shutdown = shutdown.clone();
@@ -173,6 +178,12 @@ async fn run_in(
             format!("{:<9} {}/_fake/state", "vitally", fake.base_url()),
         ])
         .collect();
+    if config.console.enabled {
+        report.urls.push(format!(
+            "{:<9} {api}/console  (sign in with {sign_in})",
+            "console"
+        ));
+    }
 
     if options.serve {
         report.serving = true;
@@ -185,6 +196,15 @@ async fn run_in(
     fake.shutdown().await;
     report.serving = false;
     Ok(report)
+}
+
+/// How to sign in to the console: the demo's own throwaway token is shown; a token the
+/// environment set is the user's secret and is only named.
+fn sign_in_hint(base: &Config, config: &Config) -> String {
+    match (&base.producer_token, &config.producer_token) {
+        (None, Some(token)) => format!("the demo's admin token {}", token.expose_secret()),
+        _ => "your PRODUCER_TOKEN".to_owned(),
+    }
 }
 
 /// The environment's configuration, isolated for this run: its own queues, Redis

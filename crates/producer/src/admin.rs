@@ -291,7 +291,7 @@ fn not_connected(workspace_id: &str) -> ApiError {
 /// Every connect/toggle failure, classified once: the operator's input (422), Vitally
 /// (502, or 503 while rate limited), our store (503/500), or an unknown workspace (404).
 /// The messages carry no credential: `ConnectError` never holds the header's value.
-fn connect_error(error: &ConnectError) -> ApiError {
+pub(crate) fn connect_error(error: &ConnectError) -> ApiError {
     let message = error.to_string();
     match error {
         ConnectError::InvalidUrl(_)
@@ -327,7 +327,7 @@ fn connect_error(error: &ConnectError) -> ApiError {
 }
 
 /// Store details (database errors) are logged, not returned: they describe our insides.
-fn store_error(error: &StoreError) -> ApiError {
+pub(crate) fn store_error(error: &StoreError) -> ApiError {
     tracing::error!(error = %error, "integration store failed");
     match error {
         StoreError::Db(_) => ApiError::new(

@@ -1,4 +1,4 @@
-use std::{io, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -18,8 +18,12 @@ use tokio_util::sync::CancellationToken;
 use vitally_client::{client::VitallyHttp, integrations::IntegrationStore};
 
 use crate::{
-    OPENAPI_JSON, admin, auth, backfill, config::ProducerConfig,
-    dead_letters::routes as dead_letters, error, ingest, metrics::IngestMetrics,
+    OPENAPI_JSON, admin, auth, backfill,
+    config::ProducerConfig,
+    console::{self, Console},
+    dead_letters::routes as dead_letters,
+    error, ingest,
+    metrics::IngestMetrics,
 };
 
 /// How often the "broker" and "postgres" readiness checks are refreshed.
@@ -47,10 +51,24 @@ struct Inner {
     limits: Limits,
     ledger: Ledger,
     dlq: Dlq,
+    console: Option<Console>,
+    console_addr: Option<SocketAddr>,
 }
 
 impl AppState {
     pub fn new(config: ProducerConfig, deps: AppDeps, metrics: IngestMetrics) -> Self {
+        Self::with_console(config, deps, metrics, None, None)
+    }
+
+    /// A producer that also serves the operator console: on the API's port, or on
+    /// `console_addr` when given (see [`run_console`]).
+    pub fn with_console(
+        config: ProducerConfig,
+        deps: AppDeps,
+        metrics: IngestMetrics,
+        console: Option<Console>,
+        console_addr: Option<SocketAddr>,
+    ) -> Self {
         let ledger = Ledger::read_only(deps.integrations.db().clone());
         let dlq = Dlq::new(deps.integrations.db().clone());
         Self {
@@ -61,8 +79,20 @@ impl AppState {
                 limits: Limits::default(),
                 ledger,
                 dlq,
+                console,
+                console_addr,
             }),
         }
+    }
+
+    /// The console, when enabled.
+    pub fn console(&self) -> Option<&Console> {
+        self.inner.console.as_ref()
+    }
+
+    /// Where the console has a port of its own, if it does.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.inner.console_addr
     }
 
     pub fn config(&self) -> &ProducerConfig {
@@ -137,6 +167,11 @@ pub async fn from_config(
         &config.vitally,
         vitally_client::metrics::VitallyMetrics::new(registry)?,
     )?;
+    let console = if config.console.enabled {
+        Some(Console::from_config(config, integrations.db().clone()).await?)
+    } else {
+        None
+    };
     let deps = AppDeps {
         broker,
         publisher,
@@ -144,7 +179,13 @@ pub async fn from_config(
         vitally,
         readiness,
     };
-    Ok(AppState::new(producer, deps, IngestMetrics::new(registry)?))
+    Ok(AppState::with_console(
+        producer,
+        deps,
+        IngestMetrics::new(registry)?,
+        console,
+        config.console.addr,
+    ))
 }
 
 /// The whole producer API: ingest and admin behind the bearer token; health probes and
@@ -218,8 +259,11 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_token,
         ));
-    Router::new()
-        .merge(protected)
+    let mut router = Router::new().merge(protected);
+    if state.console().is_some() && state.console_addr().is_none() {
+        router = router.merge(console::router());
+    }
+    router
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -267,6 +311,25 @@ pub async fn run(
         tracing::warn!(error = %e, "readiness watcher ended abnormally");
     }
     served
+}
+
+/// Serves the console alone on `listener` (its own port, `CONSOLE_ADDR`) until
+/// `shutdown`.
+pub async fn run_console(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "operator console listening");
+    }
+    let router = console::router()
+        .fallback(error::no_route)
+        .layer(DefaultBodyLimit::max(state.config().body_limit))
+        .with_state(state);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn watch_broker(state: AppState, shutdown: CancellationToken) {

@@ -10,7 +10,7 @@ use axum::{
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
-use crate::{app::AppState, error::ApiError};
+use crate::{app::AppState, config::ProducerConfig, error::ApiError};
 
 /// RFC 6750 §3: the challenge of a request without a token.
 const CHALLENGE: &str = "Bearer realm=\"thena-vitally\"";
@@ -42,6 +42,19 @@ pub(crate) fn check(authorization: Option<&HeaderValue>, token: &SecretString) -
     } else {
         Credentials::Wrong
     }
+}
+
+/// The workspaces an admin token opens: `Some(None)` every one, `Some(Some(ws))` only
+/// that one, `None` when it is not an admin token. The console's sign-in asks this.
+pub(crate) fn admin_scope(config: &ProducerConfig, presented: &str) -> Option<Option<String>> {
+    let presented = presented.trim();
+    let matches = !presented.is_empty()
+        && bool::from(
+            presented
+                .as_bytes()
+                .ct_eq(config.token.expose_secret().as_bytes()),
+        );
+    matches.then_some(None)
 }
 
 /// The token of a `Bearer` credential (scheme case-insensitive, RFC 7235), if non-empty.

@@ -153,7 +153,7 @@ impl FilterBody {
 }
 
 /// Every dead-letter failure, classified once.
-fn dlq_error(error: DlqError) -> ApiError {
+pub(crate) fn dlq_error(error: DlqError) -> ApiError {
     let message = error.to_string();
     match error {
         DlqError::BadFilter(_) | DlqError::BadOption(_) | DlqError::TransitIsReadOnly(_) => {

@@ -28,6 +28,10 @@ impl ApiError {
         }
     }
 
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// Adds a detail field next to `error`.
     pub(crate) fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.body.insert(key.into(), value.into());

@@ -11,13 +11,14 @@ mod app;
 mod auth;
 pub mod backfill;
 mod config;
+pub mod console;
 mod dead_letters;
 pub mod emit;
 mod error;
 pub mod ingest;
 mod metrics;
 
-pub use app::{AppDeps, AppState, from_config, router, run};
+pub use app::{AppDeps, AppState, from_config, router, run, run_console};
 pub use config::{ConfigError, DEFAULT_BODY_LIMIT, DEFAULT_PUBLISH_TIMEOUT, ProducerConfig};
 pub use metrics::IngestMetrics;
 

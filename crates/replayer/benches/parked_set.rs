@@ -302,6 +302,7 @@ async fn fill_ledger(db: &thena_store::Db) -> anyhow::Result<()> {
                         instance_id: None,
                         failed_attempt: false,
                         backfill_job: None,
+                        age: None,
                     })
                     .await
             }

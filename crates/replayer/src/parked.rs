@@ -130,6 +130,7 @@ pub fn parked_entry(
         instance_id: None,
         failed_attempt: false,
         backfill_job: backfill_job.map(str::to_owned),
+        age: None,
     }
 }
 

@@ -374,6 +374,26 @@ pub const VARIABLES: &[Var] = &[
         },
         "Largest ingest request body in bytes",
     ),
+    var(
+        "CONSOLE_ENABLED",
+        "false",
+        Rule::OneOf(&["true", "false"]),
+        "Serve the operator console under /console (producer)",
+    ),
+    unset(
+        "CONSOLE_ADDR",
+        Rule::ListenAddr,
+        "Listen address of the console when it should have a port of its own; unset: the API port (HTTP_ADDR)",
+    ),
+    var(
+        "CONSOLE_SESSION_TTL",
+        "8h",
+        Rule::Duration {
+            min: secs(MINUTE),
+            max: secs(7 * 24 * HOUR),
+        },
+        "How long a console sign-in lasts",
+    ),
 ];
 
 /// The longest delay tier the 10-minute promise allows (plus processing time).
@@ -463,6 +483,16 @@ pub struct Config {
     pub vitally: VitallySettings,
     pub free_mail_domains: Vec<String>,
     pub ingest_body_limit: usize,
+    pub console: ConsoleSettings,
+}
+
+/// The operator console (served by the producer).
+#[derive(Debug, Clone)]
+pub struct ConsoleSettings {
+    pub enabled: bool,
+    /// A port of its own; `None`: the API's.
+    pub addr: Option<SocketAddr>,
+    pub session_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -592,6 +622,17 @@ impl Config {
             },
             free_mail_domains: domains(&parsed, "FREE_MAIL_DOMAINS")?,
             ingest_body_limit: number(&parsed, "INGEST_BODY_LIMIT")?,
+            console: ConsoleSettings {
+                enabled: typed(&parsed, "CONSOLE_ENABLED")?,
+                addr: get("CONSOLE_ADDR")
+                    .map(|raw| {
+                        raw.trim().parse().map_err(|e| {
+                            invalid("CONSOLE_ADDR", format!("{e} (got {})", echo(&raw)))
+                        })
+                    })
+                    .transpose()?,
+                session_ttl: duration(&parsed, "CONSOLE_SESSION_TTL")?,
+            },
         };
         config.check_relations()?;
         Ok(config)

@@ -648,6 +648,7 @@ fn replayed_entry(letter: &DeadLetter, actor: &str, why: &str) -> Option<Entry> 
         instance_id: None,
         failed_attempt: false,
         backfill_job: None,
+        age: None,
     })
 }
 

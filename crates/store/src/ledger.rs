@@ -10,7 +10,7 @@
 //! whatever arrived while a batch was being written goes into the next one (group
 //! commit). A delivery is acked only after its entry is durable.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use futures_util::future::try_join_all;
@@ -19,6 +19,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{Db, DbError, Transaction};
+
+pub mod hourly;
 
 /// Outcomes kept per request.
 pub const HISTORY_PER_REQUEST: i64 = 50;
@@ -43,6 +45,8 @@ pub struct Entry {
     pub failed_attempt: bool,
     /// The backfill job the event came from, which a final outcome settles.
     pub backfill_job: Option<String>,
+    /// A synced event's age: its change in Thena (`occurred_at`) → Vitally's 2xx.
+    pub age: Option<Duration>,
 }
 
 impl Entry {
@@ -255,6 +259,66 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// Requests whose latest snapshot's requestor has `email` (any case), newest first,
+    /// in `workspaces` (all when `None`).
+    pub async fn find_by_email(
+        &self,
+        workspaces: Option<&[String]>,
+        email: &str,
+        limit: i64,
+    ) -> Result<Vec<RequestRecord>, DbError> {
+        let client = self.db.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM requests
+                     WHERE lower(latest_snapshot #>> '{{request,requestor,email}}') = lower($1)
+                       AND ($2::text[] IS NULL OR workspace_id = ANY($2))
+                     ORDER BY outcome_at DESC NULLS LAST LIMIT $3"
+                ),
+                &[&email.trim(), &workspaces, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(decode).collect())
+    }
+
+    /// When each workspace's requests last synced, for `workspaces` (all when `None`).
+    pub async fn last_synced(
+        &self,
+        workspaces: Option<&[String]>,
+    ) -> Result<HashMap<String, DateTime<Utc>>, DbError> {
+        let client = self.db.client().await?;
+        let rows = client
+            .query(
+                "SELECT workspace_id, max(synced_at) FROM requests
+                 WHERE ($1::text[] IS NULL OR workspace_id = ANY($1)) AND synced_at IS NOT NULL
+                 GROUP BY workspace_id",
+                &[&workspaces],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Each workspace's outcomes over the last `hours` whole hours (see [`hourly`]).
+    pub async fn activity(
+        &self,
+        workspaces: &[String],
+        now: DateTime<Utc>,
+        hours: u32,
+    ) -> Result<Vec<hourly::Activity>, DbError> {
+        let window = hourly::window(now, hours);
+        let Some(since) = window.first() else {
+            return Ok(Vec::new());
+        };
+        let rows = hourly::rows(&self.db, Some(workspaces), *since).await?;
+        Ok(workspaces
+            .iter()
+            .map(|ws| hourly::activity(ws, &rows, &window))
+            .collect())
+    }
+}
+
 fn decode(row: &tokio_postgres::Row) -> RequestRecord {
     let version = |name: &str| row.get::<_, Option<i64>>(name).map(|v| v as u64);
     RequestRecord {
@@ -278,7 +342,14 @@ fn decode(row: &tokio_postgres::Row) -> RequestRecord {
 /// The writer: takes what is queued (at most [`MAX_BATCH`]), writes it in one
 /// transaction, answers every waiter, repeats.
 async fn write_batches(db: Db, mut pending: mpsc::Receiver<Pending>) {
+    let mut pruned_at: Option<tokio::time::Instant> = None;
     while let Some(first) = pending.recv().await {
+        if pruned_at.is_none_or(|at| at.elapsed() > Duration::from_secs(3600)) {
+            pruned_at = Some(tokio::time::Instant::now());
+            if let Err(e) = hourly::prune(&db).await {
+                tracing::warn!(error = %e, "could not prune old hourly ledger counts");
+            }
+        }
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match pending.try_recv() {
@@ -414,6 +485,8 @@ pub async fn write_in(tx: &Transaction<'_>, entries: &[&Entry]) -> Result<(), Db
     }))
     .await?;
     settle_backfills(tx, entries).await?;
+    // Last, so the hour's counter rows (shared by every consumer) are locked briefly.
+    hourly::add(tx, entries).await?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ pub mod dead_letters;
 pub mod ledger;
 pub mod migrate;
 pub mod notify;
+pub mod sessions;
 
 use std::{fmt, time::Duration};
 

@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "backfill",
         sql: include_str!("../migrations/0004_backfill.sql"),
     },
+    Migration {
+        version: 5,
+        name: "console",
+        sql: include_str!("../migrations/0005_console.sql"),
+    },
 ];
 
 /// What a run did.

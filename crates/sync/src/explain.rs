@@ -5,10 +5,11 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 use thena_events::RequestChanged;
+use thena_store::ledger::Ledger;
 use vitally_client::{
-    client::VitallyClient,
+    client::{VitallyClient, VitallyHttp},
     error::VitallyError,
-    integrations::Integration,
+    integrations::{Integration, IntegrationStore},
     mapping::{MappingOptions, map_instance},
 };
 
@@ -31,6 +32,83 @@ pub struct Explanation {
     pub target: Option<Target>,
     /// The traits that would be written (by Vitally path).
     pub traits: Map<String, Value>,
+}
+
+/// Why a stored request could not be explained.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error("request {request_id} of workspace {workspace} never reached the fleet")]
+    NeverSeen { workspace: String, request_id: u64 },
+    #[error("workspace {0} is not connected")]
+    NotConnected(String),
+    #[error("the stored snapshot of request {request_id} does not decode: {reason}")]
+    Snapshot { request_id: u64, reason: String },
+    #[error("the ledger: {0}")]
+    Ledger(#[from] thena_store::DbError),
+    #[error(transparent)]
+    Store(#[from] vitally_client::integrations::StoreError),
+    #[error("Vitally: {0}")]
+    Vitally(#[from] VitallyError),
+}
+
+/// [`explain`] for the latest snapshot the ledger holds of a request: what `requests
+/// explain`, the console and their API run. Returns the version explained.
+pub async fn explain_request(
+    ledger: &Ledger,
+    store: &IntegrationStore,
+    http: &VitallyHttp,
+    workspace: &str,
+    request_id: u64,
+    free_mail_domains: &[String],
+    options: &MappingOptions,
+) -> Result<(u64, Explanation), ExplainError> {
+    let Some((version, snapshot)) = ledger.latest_snapshot(workspace, request_id).await? else {
+        return Err(ExplainError::NeverSeen {
+            workspace: workspace.to_owned(),
+            request_id,
+        });
+    };
+    let event = decode_snapshot(request_id, &snapshot)?;
+    let Some(integration) = store.get(workspace).await? else {
+        return Err(ExplainError::NotConnected(workspace.to_owned()));
+    };
+    let explanation = explain(
+        &integration.client(http),
+        &integration,
+        &event,
+        free_mail_domains,
+        options,
+    )
+    .await?;
+    Ok((version, explanation))
+}
+
+/// How the ledger says a request was linked, in one line: `organization + account
+/// (1 org × 1 account) → organization org-1, account acc-1 (user created)`.
+pub fn describe_link(link: &Value) -> String {
+    let rule = link["rule"].as_str().unwrap_or("?");
+    match link["no_sync"].as_str() {
+        Some(reason) => format!("{rule} → no sync: {reason}"),
+        None => format!(
+            "{rule} → organization {}, account {}{}",
+            link["organization_id"].as_str().unwrap_or("—"),
+            link["account_id"].as_str().unwrap_or("—"),
+            if link["user_created"] == true {
+                " (user created)"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
+/// A stored snapshot as the event it was.
+pub fn decode_snapshot(request_id: u64, snapshot: &Value) -> Result<RequestChanged, ExplainError> {
+    let bytes = serde_json::to_vec(snapshot).unwrap_or_default();
+    thena_events::decode_event(&bytes).map_err(|e| ExplainError::Snapshot {
+        request_id,
+        reason: e.to_string(),
+    })
 }
 
 struct Steps(Vec<String>);

@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
 pub mod policy;
+pub mod resync;
 pub mod worker;

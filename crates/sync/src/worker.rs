@@ -416,12 +416,10 @@ impl Settler {
         let handed_on = match outcome {
             Outcome::Synced { .. } => {
                 if let Some(event) = event {
-                    let age =
-                        (Utc::now() - event.occurred_at).num_milliseconds().max(0) as f64 / 1000.0;
                     self.metrics
                         .event_age
                         .with_label_values(&[&event.workspace_id])
-                        .observe(age);
+                        .observe(event_age(event).as_secs_f64());
                 }
                 Ok(())
             }
@@ -587,6 +585,7 @@ impl Settler {
                 instance_id: trace.instance_id.clone(),
                 failed_attempt,
                 backfill_job,
+                age: matches!(outcome, Outcome::Synced { .. }).then(|| event_age(event)),
             })
             .await
     }
@@ -608,4 +607,11 @@ impl Settler {
             Utc::now(),
         )
     }
+}
+
+/// A change's age once synced: from the change in Thena to now (Vitally's 2xx).
+fn event_age(event: &RequestChanged) -> std::time::Duration {
+    (Utc::now() - event.occurred_at)
+        .to_std()
+        .unwrap_or_default()
 }

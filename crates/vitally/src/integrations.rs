@@ -387,6 +387,19 @@ impl IntegrationStore {
             .collect())
     }
 
+    /// The budget key (fingerprint) of every connected workspace: what the limiter's
+    /// figures are kept under.
+    pub async fn budget_keys(&self) -> Result<HashMap<String, String>, StoreError> {
+        let client = self.db.client().await.map_err(StoreError::Db)?;
+        let rows = client
+            .query(
+                "SELECT workspace_id, fingerprint FROM integrations WHERE disconnected_at IS NULL",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// Connected integrations that are paused, for the health probe (records this replica
     /// cannot decrypt are left to a replica that can).
     pub async fn paused(&self) -> Result<Vec<Integration>, StoreError> {

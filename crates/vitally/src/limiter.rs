@@ -211,7 +211,8 @@ pub(crate) fn turn(
     }
 }
 
-/// The same decision as [`Gcra::decide`], atomically on Redis' clock.
+/// The same decision as [`Gcra::decide`], atomically on Redis' clock; a reserved call
+/// is also counted in its minute (KEYS[3], read by the console as budget use).
 /// Returns {reserved 0|1, wait µs, paused 0|1}.
 const ACQUIRE_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -235,12 +236,15 @@ local wait = allow_at - now
 if wait < 0 then wait = 0 end
 if wait <= max_wait then
   redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+  redis.call('INCR', KEYS[3])
+  redis.call('PEXPIRE', KEYS[3], 180000)
   return {1, wait, paused}
 end
 return {0, wait, paused}
 "#;
 
-/// [`turn`] atomically on Redis' clock. KEYS: rate, paused, ticket.
+/// [`turn`] atomically on Redis' clock. KEYS: rate, paused, ticket, and the minute's
+/// count of reserved calls (budget use, read by the console).
 /// Returns {1 go | 2 queued | 0 denied, wait µs, prepaid calls | holder 0/1}.
 const TURN_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -277,6 +281,8 @@ local wait = allow_at - now
 if wait < 0 then wait = 0 end
 if wait <= max_wait then
   redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+  redis.call('INCR', KEYS[4])
+  redis.call('PEXPIRE', KEYS[4], 180000)
   return {1, wait, 0}
 end
 local calls = tonumber(ARGV[7])
@@ -290,6 +296,8 @@ if wait < 0 then wait = 0 end
 if wait > horizon then return {0, wait, 0} end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 redis.call('SET', KEYS[3], string.format('%.0f %.0f %s', allow_at, calls, holder), 'PX', math.ceil(wait / 1000) + grace_ms)
+redis.call('INCRBY', KEYS[4], calls)
+redis.call('PEXPIRE', KEYS[4], 180000)
 return {2, wait, 1}
 "#;
 
@@ -481,6 +489,7 @@ impl RateLimiter {
             let mut call = self.shared.turn.key(self.rate_key(key));
             call.key(self.pause_key(key))
                 .key(self.turn_key(key, &turn.request))
+                .key(self.used_key(key, unix_minute(0)))
                 .arg(gcra.interval)
                 .arg(gcra.burst)
                 .arg(max_wait_us)
@@ -573,6 +582,7 @@ impl RateLimiter {
             let pause_key = self.pause_key(workspace);
             let mut call = self.shared.acquire.key(&rate_key);
             call.key(&pause_key)
+                .key(self.used_key(workspace, unix_minute(0)))
                 .arg(gcra.interval)
                 .arg(gcra.burst)
                 .arg(max_wait_us);
@@ -728,6 +738,50 @@ impl RateLimiter {
     fn turn_key(&self, key: &str, request: &str) -> String {
         format!("{}:rl:{key}:turn:{request}", self.shared.prefix)
     }
+
+    fn used_key(&self, workspace: &str, minute: u64) -> String {
+        format!("{}:rl:{workspace}:used:{minute}", self.shared.prefix)
+    }
+
+    /// How much of the budget `key` used: calls admitted fleet-wide in the last whole
+    /// minute and so far in this one, and the 429 pause left. `None` when Redis does not
+    /// answer (the figures are as losable as Redis).
+    pub async fn usage(&self, key: &str) -> Option<Usage> {
+        let mut conn = self.redis.clone();
+        let mut pipe = redis::pipe();
+        pipe.get(self.used_key(key, unix_minute(1)))
+            .get(self.used_key(key, unix_minute(0)))
+            .pttl(self.pause_key(key));
+        let fut = pipe.query_async::<(Option<u64>, Option<u64>, i64)>(&mut conn);
+        match tokio::time::timeout(self.redis_timeout, fut).await {
+            Ok(Ok((last, this, pause_ms))) => Some(Usage {
+                last_minute: last.unwrap_or(0),
+                this_minute: this.unwrap_or(0),
+                paused_for: u64::try_from(pause_ms)
+                    .ok()
+                    .filter(|ms| *ms > 0)
+                    .map(Duration::from_millis),
+            }),
+            Ok(Err(_)) | Err(_) => None,
+        }
+    }
+}
+
+/// Budget use of one Vitally key, fleet-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub last_minute: u64,
+    pub this_minute: u64,
+    /// Left of a pause after Vitally answered 429.
+    pub paused_for: Option<Duration>,
+}
+
+/// The wall-clock minute `back` minutes ago, as a counter key's suffix.
+fn unix_minute(back: u64) -> u64 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    (secs / 60).saturating_sub(back)
 }
 
 fn outcome(reserved: bool, wait_us: u64, paused: bool) -> Outcome {

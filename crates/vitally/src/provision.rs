@@ -148,14 +148,8 @@ async fn connect_checked(
     req: ConnectRequest,
     actor: &str,
 ) -> Result<Connected, ConnectError> {
-    let api_url = validate_url(http, &req.api_url)?;
-    validate_auth_header(&req.auth_header)?;
+    let api_url = validate_credentials(http, &req.workspace_id, &req.api_url, &req.auth_header)?;
     validate_budget(req.rate_budget_per_min)?;
-    if req.workspace_id.trim().is_empty() {
-        return Err(ConnectError::InvalidSetting(
-            "workspace id is empty".to_owned(),
-        ));
-    }
     let connecting = store.lock_connects().await?;
     let fingerprints = store.fingerprints(&api_url, &req.auth_header);
     if let Some(workspace) = store
@@ -277,6 +271,43 @@ async fn connect_checked(
         object,
         traits_added,
         action,
+    })
+}
+
+/// What [`check`] found: the URL as it will be stored, and whether Vitally already holds
+/// a "Thena Requests" object (connect would adopt it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub api_url: String,
+    pub object_exists: bool,
+}
+
+/// Connect's checks without connecting (the setup's "Continue"): the URL and header are
+/// well formed, this Vitally is not connected to another workspace, and Vitally accepts
+/// the header (one read). Writes nothing, here or in Vitally.
+pub async fn check(
+    http: &VitallyHttp,
+    store: &IntegrationStore,
+    workspace_id: &str,
+    api_url: &str,
+    auth_header: &SecretString,
+) -> Result<Checked, ConnectError> {
+    let api_url = validate_credentials(http, workspace_id, api_url, auth_header)?;
+    let fingerprints = store.fingerprints(&api_url, auth_header);
+    if let Some(workspace) = store
+        .connected_elsewhere(workspace_id, &fingerprints)
+        .await?
+    {
+        return Err(ConnectError::AlreadyConnected { workspace });
+    }
+    let objects = http
+        .client(&api_url, auth_header.clone(), workspace_id)
+        .custom_objects()
+        .await
+        .map_err(first_call_error)?;
+    Ok(Checked {
+        object_exists: objects.iter().any(|o| o.name == OBJECT_NAME),
+        api_url,
     })
 }
 
@@ -499,6 +530,23 @@ fn validate_url(http: &VitallyHttp, raw: &str) -> Result<String, ConnectError> {
 fn shown_url(raw: &str) -> String {
     let redacted = thena_runtime::config::redact_url(raw);
     format!("{:?}", thena_runtime::clip(&redacted, MAX_URL_SHOWN))
+}
+
+/// The workspace, URL and header a connect needs; returns the normalised URL.
+fn validate_credentials(
+    http: &VitallyHttp,
+    workspace_id: &str,
+    api_url: &str,
+    auth_header: &SecretString,
+) -> Result<String, ConnectError> {
+    if workspace_id.trim().is_empty() {
+        return Err(ConnectError::InvalidSetting(
+            "workspace id is empty".to_owned(),
+        ));
+    }
+    let api_url = validate_url(http, api_url)?;
+    validate_auth_header(auth_header)?;
+    Ok(api_url)
 }
 
 fn validate_auth_header(header: &SecretString) -> Result<(), ConnectError> {
